@@ -29,7 +29,7 @@ export class GuestMemoryError extends Error {
 export type VirtqCode =
   | "AVAIL_IDX_JUMP" | "HEAD_RANGE" | "NEXT_RANGE" | "LOOP" | "NESTED_INDIRECT" | "INDIRECT_LEN"
   | "INDIRECT_NEXT" | "ORDER" | "ZERO_LEN" | "TOTAL_LEN" | "BAD_ADDR" | "USED_HEAD" | "USED_LEN"
-  | "RING_ADDR" | "NOT_READY";
+  | "RING_ADDR" | "NOT_READY" | "HEAD_BUSY";
 
 /**
  * A guest broke the virtqueue rules; the queue is marked broken.

@@ -1,0 +1,126 @@
+/**
+ * bunvhost: a vhost-user-blk back-end.
+ *
+ *   bun run server.ts [--socket PATH] [--image FILE | --size SIZE | --null SIZE] [--readonly]
+ *                     [--direct] [--queues N] [--queue-size N] [--serial ID] [--trace]
+ *                     [--log-level debug|info|warn|error]
+ */
+import { parseArgs } from "node:util";
+import { resolve } from "node:path";
+import { createBlk } from "./src/devices/blk.ts";
+import { nullBacking, openFileBacking, ramBacking, type Backing } from "./src/devices/blk_backing.ts";
+import { stderrLogger, type Level } from "./src/device/log.ts";
+import { VuServer } from "./src/server/vu_server.ts";
+
+const USAGE = `usage: bun run server.ts [options]
+  --socket PATH        unix socket to listen on (default ./vhost-user-blk.sock)
+  --image FILE         serve a raw image file or block device
+  --size SIZE          serve an in-memory disk of SIZE (default 256M)
+  --null SIZE          serve a null disk of SIZE (reads leave buffers, writes are dropped)
+  --readonly           refuse writes (VIRTIO_BLK_F_RO)
+  --direct             open --image with O_DIRECT
+  --queues N           number of virtqueues (default 1)
+  --queue-size N       largest queue size accepted, a power of 2 (default 256)
+  --serial ID          GET_ID string, at most 20 bytes (default "bunvhost")
+  --trace              log every vhost-user message both ways
+  --log-level LEVEL    debug, info, warn or error (default info)
+SIZE is bytes or a number with K, M, G or T (powers of 1024), e.g. 64M.`;
+
+function usage(msg: string): never {
+  process.stderr.write(`server.ts: ${msg}\n${USAGE}\n`);
+  process.exit(2);
+}
+
+/** "64M" → 67108864; throws on anything else. */
+export function parseSize(s: string): number {
+  const m = /^(\d+)([KMGT]?)$/i.exec(s.trim());
+  if (!m) throw new Error(`bad size "${s}"`);
+  const mult = { "": 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[m[2]!.toUpperCase() as "" | "K" | "M" | "G" | "T"];
+  const v = Number(m[1]) * mult;
+  if (!Number.isSafeInteger(v) || v <= 0 || v % 512 !== 0) throw new Error(`size "${s}" must be a positive multiple of 512 bytes`);
+  return v;
+}
+
+function parseIntArg(name: string, s: string, min: number, max: number): number {
+  if (!/^\d+$/.test(s)) usage(`--${name} must be an integer`);
+  const v = Number(s);
+  if (v < min || v > max) usage(`--${name} must be in ${min}..${max}`);
+  return v;
+}
+
+function main(): void {
+  let args;
+  try {
+    args = parseArgs({
+      args: Bun.argv.slice(2),
+      options: {
+        socket: { type: "string", default: "./vhost-user-blk.sock" },
+        image: { type: "string" }, size: { type: "string" }, null: { type: "string" },
+        readonly: { type: "boolean", default: false }, direct: { type: "boolean", default: false },
+        queues: { type: "string", default: "1" }, "queue-size": { type: "string", default: "256" },
+        serial: { type: "string", default: "bunvhost" }, trace: { type: "boolean", default: false },
+        "log-level": { type: "string", default: "info" }, help: { type: "boolean", short: "h", default: false },
+      },
+      strict: true,
+      allowPositionals: false,
+    }).values;
+  } catch (e) {
+    usage((e as Error).message);
+  }
+  if (args.help) {
+    process.stdout.write(USAGE + "\n");
+    process.exit(0);
+  }
+  const level = args["log-level"] as Level;
+  if (!["debug", "info", "warn", "error"].includes(level)) usage(`--log-level must be debug, info, warn or error`);
+  const kinds = [args.image, args.size, args.null].filter((x) => x !== undefined).length;
+  if (kinds > 1) usage("give at most one of --image, --size, --null");
+  const queues = parseIntArg("queues", args.queues!, 1, 256);
+  const queueSize = parseIntArg("queue-size", args["queue-size"]!, 2, 32768);
+  if (queueSize & (queueSize - 1)) usage("--queue-size must be a power of 2");
+  if (new TextEncoder().encode(args.serial!).length > 20) usage("--serial must be at most 20 bytes");
+  if (args.direct && !args.image) usage("--direct needs --image");
+
+  const log = stderrLogger(level);
+  let backing: Backing;
+  try {
+    if (args.image) backing = openFileBacking(args.image, { readonly: args.readonly, direct: args.direct });
+    else if (args.null) backing = nullBacking(parseSize(args.null));
+    else backing = ramBacking(parseSize(args.size ?? "256M"));
+  } catch (e) {
+    if (args.image) {
+      process.stderr.write(`server.ts: cannot open ${args.image}: ${(e as Error).message}\n`);
+      process.exit(1);
+    }
+    usage((e as Error).message);
+  }
+  const device = createBlk({ backing, readonly: args.readonly, queues, queueSize, serial: args.serial });
+  const socketPath = resolve(args.socket!);
+  const server = new VuServer({ socketPath, device, log, trace: args.trace });
+  try {
+    server.start();
+  } catch (e) {
+    process.stderr.write(`server.ts: ${(e as Error).message}\n`);
+    process.exit(1);
+  }
+  const what = args.image ? `image ${args.image}` : args.null ? `null disk of ${backing.size} bytes` : `RAM disk of ${backing.size} bytes`;
+  process.stdout.write(
+    `bunvhost: vhost-user-blk (${what}${args.readonly ? ", read-only" : ""}, ${queues} queue${queues > 1 ? "s" : ""}) listening on ${socketPath}; ` +
+      `attach with: qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem ` +
+      `-chardev socket,id=vu0,path=${socketPath} -device vhost-user-blk-pci,chardev=vu0,num-queues=${queues}\n`,
+  );
+  let stopping = false;
+  const stop = (sig: string) => {
+    if (stopping) return;
+    stopping = true;
+    log.info(`${sig}: stopping`);
+    void server.stop().then(() => {
+      device.close?.();
+      process.exit(0);
+    });
+  };
+  process.on("SIGINT", () => stop("SIGINT"));
+  process.on("SIGTERM", () => stop("SIGTERM"));
+}
+
+if (import.meta.main) main();

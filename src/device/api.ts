@@ -1,0 +1,62 @@
+/**
+ * Everything a device sees. A device declares its features and config space
+ * and handles one request (one descriptor chain) at a time per call; the
+ * framework pops chains, checks them, tracks them in flight, publishes the
+ * used ring and notifies the driver. A device never holds a pointer, a
+ * socket or an fd of the front-end.
+ *
+ * @example
+ * // A whole entropy device:
+ * const rng: Device = {
+ *   name: "rng", type: VIRTIO_ID_RNG, queues: 1, queueSize: 256, features: 0n,
+ *   config: () => new Uint8Array(0),
+ *   handle(req) { req.out.forEach(req.out.remaining, (v) => crypto.getRandomValues(v)); },
+ * };
+ */
+import type { ChainReader, ChainWriter } from "../virtq/chain_io.ts";
+export type { ChainReader, ChainWriter } from "../virtq/chain_io.ts";
+export { ChainRangeError } from "../virtq/chain_io.ts";
+
+/** One request: a descriptor chain popped from queue `queue`. */
+export interface Request {
+  /** Index of the queue it came from. */
+  readonly queue: number;
+  /** Head descriptor index (unique among the queue's requests in flight). */
+  readonly head: number;
+  /** The device-readable buffers (driver → device). */
+  readonly in: ChainReader;
+  /** The device-writable buffers (device → driver); the used length is `out.pos` at completion. */
+  readonly out: ChainWriter;
+}
+
+export interface Device {
+  /** Short name for logs ("blk"). */
+  readonly name: string;
+  /** VIRTIO device id (2 for block). */
+  readonly type: number;
+  /** Number of queues offered (GET_QUEUE_NUM). */
+  readonly queues: number;
+  /** Largest queue size accepted (a power of two ≤ 32768). */
+  readonly queueSize: number;
+  /** Device-specific feature bits (below bit 24, plus any device bits above 41); ring and transport bits belong to the framework. */
+  readonly features: bigint;
+  /** The current config space (GET_CONFIG reads a slice of it; the framework checks offset and size). */
+  config(): Uint8Array;
+  /** SET_CONFIG: the framework has checked that `offset + data.length` lies within config(). */
+  setConfig?(offset: number, data: Uint8Array): void;
+  /** Called with the negotiated features when the driver sets them (SET_FEATURES). */
+  setFeatures?(features: bigint): void;
+  /**
+   * Handles one request. Returning (or resolving) completes it; throwing (or
+   * rejecting) with a ChainRangeError means the driver gave buffers too small
+   * for the request: the framework then completes it with whatever was written.
+   */
+  handle(req: Request): void | Promise<void>;
+  /** The driver reset the device (RESET_OWNER, RESET_DEVICE, disconnect). */
+  reset?(): void;
+  /** The server is shutting down: release backing resources. */
+  close?(): void;
+}
+
+/** VIRTIO device ids (VIRTIO 1.2 §5). */
+export const VIRTIO_ID_NET = 1, VIRTIO_ID_BLOCK = 2, VIRTIO_ID_CONSOLE = 3, VIRTIO_ID_RNG = 4;

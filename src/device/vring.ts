@@ -1,0 +1,272 @@
+/**
+ * One virtqueue of a device as vhost-user sees it: its fds (kick, call, err),
+ * its enabled/started state, the ring walker, the request slots and the
+ * in-flight count that stop and teardown wait on.
+ *
+ * Processing: a kick (or enable, or start) drains the avail ring: each chain
+ * goes to the device's handler; synchronous completions are pushed to the
+ * used ring as they return and published by one flush + at most one call
+ * eventfd write per drain; asynchronous ones are published in a batch at the
+ * end of the microtask turn that completes them.
+ */
+import * as sys from "../../ffi/sys.ts";
+import { VirtqError } from "../errors.ts";
+import { Pieces } from "../memory/pieces.ts";
+import type { GuestMemory } from "../memory/guest_memory.ts";
+import { newSpan } from "../memory/guest_memory.ts";
+import type { VringAddr } from "../protocol/messages.ts";
+import { ChainRangeError, ChainReader, ChainWriter } from "../virtq/chain_io.ts";
+import { availRingSize, descTableSize, SplitQueue, usedRingSize } from "../virtq/split.ts";
+import type { Device, Request } from "./api.ts";
+import type { EventLoop } from "./loop.ts";
+import type { Logger } from "./log.ts";
+
+/** Per-head request state, created on first use of a head and reused. */
+class Slot implements Request {
+  readonly rp = new Pieces(8);
+  readonly wp = new Pieces(8);
+  readonly in = new ChainReader(this.rp);
+  readonly out = new ChainWriter(this.wp);
+  busy = false;
+  constructor(readonly queue: number, readonly head: number) {}
+}
+
+export interface VringHost {
+  readonly device: Device;
+  readonly mem: GuestMemory;
+  readonly log: Logger;
+  /** A guest broke the ring rules: the device is broken and the connection ends. */
+  broken(e: VirtqError): void;
+  /** Device-wide in-flight accounting. */
+  inflightChanged(delta: number): void;
+}
+
+export class Vring {
+  num = 0;
+  addr: VringAddr | null = null;
+  kickFd = -1;
+  callFd = -1;
+  errFd = -1;
+  enabled = false;
+  started = false;
+  inflight = 0;
+  readonly q: SplitQueue;
+  private slots: (Slot | undefined)[] = [];
+  private watchId = -1;
+  private flushQueued = false;
+  private idleWaiters: (() => void)[] = [];
+  private processing = false;
+
+  constructor(readonly index: number, private readonly host: VringHost, private loop: EventLoop) {
+    this.q = new SplitQueue(index, host.mem);
+  }
+
+  /** Translates the ring addresses (front-end virtual) through guest memory and points the walker at them. */
+  mapRings(): void {
+    const a = this.addr;
+    if (a === null || this.num === 0) return;
+    const mem = this.host.mem;
+    const d = mem.uvaSpan(a.desc, descTableSize(this.num), newSpan());
+    const av = mem.uvaSpan(a.avail, availRingSize(this.num), newSpan());
+    const u = mem.uvaSpan(a.used, usedRingSize(this.num), newSpan());
+    const last = this.q.lastAvail;
+    this.q.setRings(this.num, d, av, u);
+    this.q.lastAvail = last;
+  }
+
+  setKick(fd: number): void {
+    this.unwatchKick();
+    sys.closeQuiet(this.kickFd);
+    this.kickFd = fd;
+    // vhost-user: a ring starts when its kick fd arrives.
+    this.started = true;
+    if (fd >= 0) this.watchId = this.loop.watch(fd, () => this.onKick());
+    this.process();
+  }
+
+  setCall(fd: number): void {
+    sys.closeQuiet(this.callFd);
+    this.callFd = fd;
+  }
+
+  setErr(fd: number): void {
+    sys.closeQuiet(this.errFd);
+    this.errFd = fd;
+  }
+
+  setEnabled(on: boolean): void {
+    this.enabled = on;
+    if (on) this.process();
+  }
+
+  private unwatchKick(): void {
+    if (this.watchId >= 0) this.loop.unwatch(this.watchId);
+    this.watchId = -1;
+  }
+
+  private onKick(): void {
+    // Drain the eventfd first so that a kick arriving while we process is seen again.
+    sys.eventfdRead(this.kickFd);
+    this.process();
+  }
+
+  /** Pops and handles every available chain (the ring must be started, enabled and mapped). */
+  process(): void {
+    if (!this.started || !this.enabled || this.processing) return;
+    const q = this.q;
+    if (!q.ready || q.broken) return;
+    this.processing = true;
+    let pushed = false;
+    try {
+      for (;;) {
+        q.disableNotification();
+        let head: number;
+        while ((head = q.peekHead()) >= 0) {
+          const slot = (this.slots[head] ??= new Slot(this.index, head));
+          if (slot.busy) throw (q.broken = new VirtqError("HEAD_BUSY", this.index, head, "head already in flight"));
+          q.take(head, slot.rp, slot.wp);
+          slot.in.rewind();
+          slot.out.rewind();
+          slot.busy = true;
+          this.inflight++;
+          this.host.inflightChanged(1);
+          if (this.handle(slot)) pushed = true;
+        }
+        if (!q.enableNotification()) break;
+      }
+    } catch (e) {
+      if (e instanceof VirtqError) {
+        this.fail(e);
+      } else {
+        throw e;
+      }
+    } finally {
+      this.processing = false;
+      if (pushed) this.flush();
+    }
+  }
+
+  /** Runs the device handler; returns true when the request completed synchronously (already pushed). */
+  private handle(slot: Slot): boolean {
+    let r: void | Promise<void>;
+    try {
+      r = this.host.device.handle(slot);
+    } catch (e) {
+      this.handlerError(slot, e);
+      this.complete(slot);
+      return true;
+    }
+    if (r instanceof Promise) {
+      r.then(
+        () => this.completeAsync(slot),
+        (e) => {
+          this.handlerError(slot, e);
+          this.completeAsync(slot);
+        },
+      );
+      return false;
+    }
+    this.complete(slot);
+    return true;
+  }
+
+  private handlerError(slot: Slot, e: unknown): void {
+    if (e instanceof ChainRangeError) {
+      this.host.log.warn(`queue ${this.index}: request ${slot.head}: ${e.message}`);
+    } else {
+      this.host.log.error(`queue ${this.index}: device ${this.host.device.name} failed on request ${slot.head}: ${e instanceof Error ? e.stack : e}`);
+    }
+  }
+
+  private complete(slot: Slot): void {
+    slot.busy = false;
+    if (this.q.ready) this.q.push(slot.head, slot.out.pos);
+    this.inflight--;
+    this.host.inflightChanged(-1);
+    if (this.inflight === 0 && this.idleWaiters.length) {
+      const w = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const f of w) f();
+    }
+  }
+
+  private completeAsync(slot: Slot): void {
+    this.complete(slot);
+    if (!this.flushQueued) {
+      this.flushQueued = true;
+      queueMicrotask(() => {
+        this.flushQueued = false;
+        this.flush();
+      });
+    }
+  }
+
+  /** Publishes the used ring and signals the call eventfd if the driver wants it. */
+  flush(): void {
+    if (!this.q.ready) return;
+    if (this.q.flush() && this.callFd >= 0) sys.eventfdWrite(this.callFd);
+  }
+
+  private fail(e: VirtqError): void {
+    this.host.log.error(`virtqueue broken: ${e.message}`);
+    if (this.errFd >= 0) sys.eventfdWrite(this.errFd);
+    this.host.broken(e);
+  }
+
+  /** Resolves when no request of this ring is in flight. */
+  idle(): Promise<void> {
+    if (this.inflight === 0) return Promise.resolve();
+    return new Promise((res) => this.idleWaiters.push(res));
+  }
+
+  /**
+   * Stops the ring (GET_VRING_BASE): no new chains are taken, in-flight ones
+   * complete and are published, then the ring index is returned.
+   */
+  async stop(): Promise<number> {
+    this.started = false;
+    this.unwatchKick();
+    await this.idle();
+    this.flush();
+    // GET_VRING_BASE also ends the front-end's use of the kick fd (libvhost-user and rust-vmm close it too).
+    sys.closeQuiet(this.kickFd);
+    this.kickFd = -1;
+    return this.q.lastAvail;
+  }
+
+  /** Pauses processing without changing the negotiated state (memory table changes). */
+  async quiesce(): Promise<void> {
+    this.unwatchKick();
+    await this.idle();
+    this.flush();
+  }
+
+  /** Undo quiesce: re-watch the kick fd and process what arrived meanwhile. */
+  resume(): void {
+    if (this.started && this.kickFd >= 0 && this.watchId < 0) this.watchId = this.loop.watch(this.kickFd, () => this.onKick());
+    this.process();
+  }
+
+  /** Drops the views over guest memory (before it is unmapped). */
+  detachRings(): void {
+    this.q.detach();
+  }
+
+  /** Releases every fd and forgets all state (after idle). */
+  reset(): void {
+    this.unwatchKick();
+    sys.closeQuiet(this.kickFd);
+    sys.closeQuiet(this.callFd);
+    sys.closeQuiet(this.errFd);
+    this.kickFd = this.callFd = this.errFd = -1;
+    this.started = false;
+    this.enabled = false;
+    this.num = 0;
+    this.addr = null;
+    this.q.detach();
+    this.q.lastAvail = 0;
+    this.q.usedIdx = 0;
+    this.q.broken = null;
+    for (const s of this.slots) if (s) s.busy = false;
+  }
+}

@@ -1,0 +1,348 @@
+/**
+ * The vhost-user device state machine (the VuDev of libvhost-user).
+ *
+ * Theory of operation: the connection decodes each front-end message and
+ * hands it to `handle`, one at a time, awaiting the result. Handlers change
+ * the negotiated state (features, memory table, vrings, config) and return a
+ * reply payload for requests that have one. Two kinds of failure:
+ *  - `Refused`: a well-formed request we cannot honour (an unsupported
+ *    config write, a feature we did not offer...). The connection lives on;
+ *    with REPLY_ACK the front-end sees a non-zero status.
+ *  - ProtocolError / GuestMemoryError: the front-end broke the protocol; the
+ *    connection ends (the caller tears everything down).
+ * Anything touching guest memory first quiesces the rings (no request in
+ * flight) and drops their views, because a view over unmapped memory would
+ * crash the process.
+ */
+import * as sys from "../../ffi/sys.ts";
+import { GuestMemoryError, ProtocolError, type VirtqError } from "../errors.ts";
+import { GuestMemory } from "../memory/guest_memory.ts";
+import { bit, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+  VIRTIO_RING_F_INDIRECT_DESC } from "../protocol/features.ts";
+import { MAX_CONFIG_SIZE, Req, requestName, type Message } from "../protocol/messages.ts";
+import type { Device } from "./api.ts";
+import type { Logger } from "./log.ts";
+import type { EventLoop } from "./loop.ts";
+import { Vring } from "./vring.ts";
+
+/** A well-formed request that the device does not honour: REPLY_ACK status 1, connection kept. */
+export class Refused extends Error {
+  override name = "Refused";
+}
+
+/** Memory slots offered with CONFIGURE_MEM_SLOTS (the limit QEMU and rust-vmm use for vhost-user). */
+export const MAX_MEM_SLOTS = 509;
+
+/** Transport and ring features the framework provides for every device. */
+export const FRAMEWORK_FEATURES =
+  bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VIRTIO_RING_F_INDIRECT_DESC) |
+  bit(VIRTIO_RING_F_EVENT_IDX);
+
+export const PROTOCOL_FEATURES =
+  bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG) |
+  bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) | bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.STATUS);
+
+export interface VuDevOptions {
+  log: Logger;
+  loop: EventLoop;
+  /** Called once when a guest breaks a ring: the server ends the connection. */
+  onBroken?: (e: VirtqError) => void;
+}
+
+export class VuDev {
+  readonly mem = new GuestMemory();
+  readonly vrings: Vring[];
+  readonly log: Logger;
+  features = 0n;
+  protocolFeatures = 0n;
+  status = 0;
+  owner = false;
+  broken: VirtqError | null = null;
+  inflight = 0;
+  private featuresSet = false;
+
+  constructor(readonly device: Device, private readonly opts: VuDevOptions) {
+    this.log = opts.log;
+    const host = {
+      device, mem: this.mem, log: opts.log,
+      broken: (e: VirtqError) => this.setBroken(e),
+      inflightChanged: (d: number) => { this.inflight += d; },
+    };
+    this.vrings = Array.from({ length: device.queues }, (_, i) => new Vring(i, host, opts.loop));
+  }
+
+  /** Virtio features offered to the front-end. */
+  get offeredFeatures(): bigint {
+    return FRAMEWORK_FEATURES | this.device.features;
+  }
+
+  get replyAck(): boolean {
+    return (this.protocolFeatures & bit(ProtocolFeature.REPLY_ACK)) !== 0n;
+  }
+
+  private setBroken(e: VirtqError): void {
+    if (this.broken) return;
+    this.broken = e;
+    this.opts.onBroken?.(e);
+  }
+
+  private vring(m: Message, index: number): Vring {
+    const v = this.vrings[index];
+    if (!v) throw new ProtocolError(requestName(m.request), "index", `queue ${index} >= ${this.vrings.length} queues`);
+    return v;
+  }
+
+  /**
+   * Handles one decoded message. Returns the reply message for requests that
+   * have one, or null. Fds in the message are owned by the device from here
+   * on: kept (kick/call/err) or closed.
+   */
+  async handle(m: Message): Promise<Message | null> {
+    const R = Req;
+    const reply = (fields: Partial<Message>): Message => ({ request: m.request, flags: 0, fds: [], ...fields });
+    switch (m.request) {
+      case R.GET_FEATURES:
+        return reply({ u64: this.offeredFeatures });
+      case R.SET_FEATURES: {
+        const f = m.u64!;
+        const extra = f & ~this.offeredFeatures;
+        if (extra !== 0n) throw new ProtocolError("SET_FEATURES", "features", `0x${extra.toString(16)} not offered`);
+        this.features = f;
+        this.featuresSet = true;
+        const eventIdx = (f & bit(VIRTIO_RING_F_EVENT_IDX)) !== 0n;
+        for (const v of this.vrings) {
+          v.q.eventIdx = eventIdx;
+          // Without PROTOCOL_FEATURES rings are enabled as soon as they start (spec: "Ring states").
+          if ((f & bit(VHOST_USER_F_PROTOCOL_FEATURES)) === 0n) v.setEnabled(true);
+        }
+        this.device.setFeatures?.(f);
+        return null;
+      }
+      case R.GET_PROTOCOL_FEATURES:
+        return reply({ u64: PROTOCOL_FEATURES });
+      case R.SET_PROTOCOL_FEATURES: {
+        const extra = m.u64! & ~PROTOCOL_FEATURES;
+        if (extra !== 0n) throw new ProtocolError("SET_PROTOCOL_FEATURES", "features", `0x${extra.toString(16)} not offered`);
+        this.protocolFeatures = m.u64!;
+        return null;
+      }
+      case R.SET_OWNER:
+        this.owner = true;
+        return null;
+      case R.RESET_OWNER:
+      case R.RESET_DEVICE:
+        await this.reset();
+        return null;
+      case R.GET_QUEUE_NUM:
+        return reply({ u64: BigInt(this.vrings.length) });
+      case R.GET_MAX_MEM_SLOTS:
+        return reply({ u64: BigInt(MAX_MEM_SLOTS) });
+      case R.SET_MEM_TABLE:
+        await this.setMemTable(m);
+        return null;
+      case R.ADD_MEM_REG:
+        await this.addMemReg(m);
+        return null;
+      case R.REM_MEM_REG:
+        await this.remMemReg(m);
+        return null;
+      case R.SET_VRING_NUM: {
+        const v = this.vring(m, m.state!.index);
+        const n = m.state!.num;
+        if (n === 0 || n > this.device.queueSize || (n & (n - 1)) !== 0) {
+          throw new ProtocolError("SET_VRING_NUM", "num", `${n} is not a power of 2 in 1..${this.device.queueSize}`);
+        }
+        if (v.started) throw new ProtocolError("SET_VRING_NUM", "index", `queue ${v.index} is running`);
+        v.num = n;
+        return null;
+      }
+      case R.SET_VRING_ADDR: {
+        const a = m.addr!;
+        const v = this.vring(m, a.index);
+        if (a.desc % 16 || a.avail % 2 || a.used % 4) {
+          throw new ProtocolError("SET_VRING_ADDR", "addr", `misaligned ring (desc 0x${a.desc.toString(16)}, avail 0x${a.avail.toString(16)}, used 0x${a.used.toString(16)})`);
+        }
+        if (v.num === 0) throw new ProtocolError("SET_VRING_ADDR", "index", `queue ${a.index} has no size (SET_VRING_NUM first)`);
+        await v.quiesce();
+        v.addr = a;
+        try {
+          v.mapRings();
+        } catch (e) {
+          if (e instanceof GuestMemoryError) throw new ProtocolError("SET_VRING_ADDR", "addr", e.message);
+          throw e;
+        }
+        v.resume();
+        return null;
+      }
+      case R.SET_VRING_BASE: {
+        const v = this.vring(m, m.state!.index);
+        if (m.state!.num > 0xffff) throw new ProtocolError("SET_VRING_BASE", "num", `${m.state!.num} > 65535`);
+        if (v.started) throw new ProtocolError("SET_VRING_BASE", "index", `queue ${v.index} is running`);
+        v.q.lastAvail = m.state!.num;
+        return null;
+      }
+      case R.GET_VRING_BASE: {
+        const v = this.vring(m, m.state!.index);
+        const num = await v.stop();
+        return reply({ state: { index: v.index, num } });
+      }
+      case R.SET_VRING_KICK:
+      case R.SET_VRING_CALL:
+      case R.SET_VRING_ERR: {
+        const vf = m.vring!;
+        const fd = vf.noFd ? -1 : m.fds[0]!;
+        let v: Vring;
+        try {
+          v = this.vring(m, vf.index);
+        } catch (e) {
+          sys.closeQuiet(fd);
+          throw e;
+        }
+        m.fds.length = 0;
+        if (m.request === R.SET_VRING_KICK) {
+          if (fd >= 0) sys.setNonBlocking(fd);
+          else this.log.warn(`queue ${v.index}: kick without fd (polling) is not supported; the ring runs on enable only`);
+          v.setKick(fd);
+        } else if (m.request === R.SET_VRING_CALL) {
+          v.setCall(fd);
+        } else {
+          v.setErr(fd);
+        }
+        return null;
+      }
+      case R.SET_VRING_ENABLE: {
+        const v = this.vring(m, m.state!.index);
+        if (m.state!.num > 1) throw new ProtocolError("SET_VRING_ENABLE", "num", `${m.state!.num} is not 0 or 1`);
+        v.setEnabled(m.state!.num === 1);
+        return null;
+      }
+      case R.GET_CONFIG: {
+        const c = m.config!;
+        if (c.offset + c.size > MAX_CONFIG_SIZE) throw new ProtocolError("GET_CONFIG", "size", `offset ${c.offset} + size ${c.size} > ${MAX_CONFIG_SIZE}`);
+        const space = this.device.config();
+        const data = new Uint8Array(c.size);
+        if (c.offset < space.length) data.set(space.subarray(c.offset, Math.min(space.length, c.offset + c.size)));
+        return reply({ config: { offset: c.offset, size: c.size, flags: c.flags, data } });
+      }
+      case R.SET_CONFIG: {
+        const c = m.config!;
+        const space = this.device.config();
+        if (!this.device.setConfig) throw new Refused(`device ${this.device.name} has no writable config`);
+        if (c.offset + c.size > space.length) throw new Refused(`SET_CONFIG past the config space (${c.offset}+${c.size} > ${space.length})`);
+        this.device.setConfig(c.offset, c.data);
+        return null;
+      }
+      case R.SET_STATUS:
+        // Recorded only: QEMU 7.2 writes status 0 on stop *before* GET_VRING_BASE,
+        // so treating 0 as a reset here would lose the ring indexes.
+        this.status = Number(m.u64! & 0xffn);
+        return null;
+      case R.GET_STATUS:
+        return reply({ u64: BigInt(this.status) });
+      default:
+        for (const fd of m.fds) sys.closeQuiet(fd);
+        m.fds.length = 0;
+        throw new Refused(`${requestName(m.request)} is not supported`);
+    }
+  }
+
+  /** Stops processing on every ring and waits for in-flight requests. */
+  async quiesce(): Promise<void> {
+    for (const v of this.vrings) await v.quiesce();
+  }
+
+  private resume(): void {
+    for (const v of this.vrings) {
+      try {
+        v.mapRings();
+      } catch (e) {
+        if (!(e instanceof GuestMemoryError)) throw e;
+        // The new table no longer holds this ring: keep it unmapped until SET_VRING_ADDR.
+        v.detachRings();
+        this.log.warn(`queue ${v.index}: rings not in the new memory table: ${e.message}`);
+      }
+      v.resume();
+    }
+  }
+
+  private async setMemTable(m: Message): Promise<void> {
+    const fds = m.fds;
+    m.fds = [];
+    try {
+      await this.quiesce();
+      for (const v of this.vrings) v.detachRings();
+      this.mem.clear();
+      try {
+        m.regions!.forEach((r, i) => this.mem.add(r, fds[i]!));
+      } catch (e) {
+        this.mem.clear();
+        if (e instanceof GuestMemoryError || (e instanceof Error && e.name === "ErrnoError")) {
+          throw new ProtocolError("SET_MEM_TABLE", "regions", (e as Error).message);
+        }
+        throw e;
+      }
+    } finally {
+      // The mappings keep the memory; the fds are not needed any more.
+      for (const fd of fds) sys.closeQuiet(fd);
+    }
+    this.resume();
+  }
+
+  private async addMemReg(m: Message): Promise<void> {
+    const fd = m.fds[0]!;
+    m.fds = [];
+    try {
+      await this.quiesce();
+      for (const v of this.vrings) v.detachRings();
+      try {
+        this.mem.add(m.region!, fd, MAX_MEM_SLOTS);
+      } catch (e) {
+        if (e instanceof GuestMemoryError || (e instanceof Error && e.name === "ErrnoError")) {
+          throw new ProtocolError("ADD_MEM_REG", "region", (e as Error).message);
+        }
+        throw e;
+      }
+    } finally {
+      sys.closeQuiet(fd);
+      this.resume();
+    }
+  }
+
+  private async remMemReg(m: Message): Promise<void> {
+    for (const fd of m.fds) sys.closeQuiet(fd);
+    m.fds = [];
+    const r = m.region!;
+    await this.quiesce();
+    for (const v of this.vrings) v.detachRings();
+    const found = this.mem.remove(r.guestPhysAddr, r.memorySize, r.userAddr);
+    this.resume();
+    if (!found) throw new Refused(`REM_MEM_REG: no region at gpa 0x${r.guestPhysAddr.toString(16)} of ${r.memorySize} bytes`);
+  }
+
+  /** RESET_DEVICE / status 0: rings stopped and forgotten, memory kept. */
+  private async resetDevice(): Promise<void> {
+    await this.quiesce();
+    for (const v of this.vrings) v.reset();
+    this.features = 0n;
+    this.featuresSet = false;
+    this.broken = null;
+    this.device.reset?.();
+  }
+
+  /**
+   * RESET_OWNER and disconnect: everything back to the state of a new
+   * connection; every mapping unmapped and every fd closed.
+   */
+  async reset(): Promise<void> {
+    await this.resetDevice();
+    this.mem.clear();
+    this.protocolFeatures = 0n;
+    this.status = 0;
+    this.owner = false;
+  }
+
+  /** True once SET_FEATURES has been received. */
+  get negotiated(): boolean {
+    return this.featuresSet;
+  }
+}

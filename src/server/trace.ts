@@ -1,0 +1,21 @@
+/** One-line descriptions of messages for --trace and debug logs. */
+import { requestName, type Message } from "../protocol/messages.ts";
+
+const hex = (n: number | bigint) => `0x${n.toString(16)}`;
+
+export function describeMessage(m: Message): string {
+  const parts: string[] = [requestName(m.request), `flags=${hex(m.flags)}`];
+  if (m.u64 !== undefined) parts.push(`u64=${hex(m.u64)}`);
+  if (m.state) parts.push(`index=${m.state.index} num=${m.state.num}`);
+  if (m.vring) parts.push(`index=${m.vring.index}${m.vring.noFd ? " nofd" : ""}`);
+  if (m.addr) parts.push(`index=${m.addr.index} desc=${hex(m.addr.desc)} avail=${hex(m.addr.avail)} used=${hex(m.addr.used)} flags=${hex(m.addr.flags)}`);
+  const reg = (r: { guestPhysAddr: number; memorySize: number; userAddr: number; mmapOffset: number }) =>
+    `[gpa=${hex(r.guestPhysAddr)} size=${hex(r.memorySize)} uva=${hex(r.userAddr)} off=${hex(r.mmapOffset)}]`;
+  if (m.regions) parts.push(`regions=${m.regions.map(reg).join("")}`);
+  if (m.region) parts.push(`region=${reg(m.region)}`);
+  if (m.config) parts.push(`config offset=${m.config.offset} size=${m.config.size} flags=${m.config.flags}`);
+  if (m.inflight) parts.push(`inflight size=${m.inflight.mmapSize} queues=${m.inflight.numQueues} qsize=${m.inflight.queueSize}`);
+  if (m.log) parts.push(`log size=${m.log.size} offset=${m.log.offset}`);
+  if (m.fds.length) parts.push(`fds=[${m.fds.join(",")}]`);
+  return parts.join(" ");
+}

@@ -1,0 +1,148 @@
+/**
+ * The vhost-user server (the seed's VuServer).
+ *
+ * Theory of operation: listen on a unix socket; serve one front-end at a
+ * time with a fresh VuDev over the same Device (so a disk keeps its data
+ * across connections); a second front-end that connects meanwhile is
+ * refused with a log line and never disturbs the first. When the front-end
+ * goes away (or breaks the protocol, or its guest breaks a ring) the
+ * connection waits for its in-flight requests, unmaps guest memory, closes
+ * every fd, and the server takes the next front-end. stop() does the same
+ * and removes the socket file.
+ */
+import { existsSync, lstatSync, unlinkSync } from "node:fs";
+import * as sys from "../../ffi/sys.ts";
+import type { Device } from "../device/api.ts";
+import type { Logger } from "../device/log.ts";
+import type { EventLoop } from "../device/loop.ts";
+import { VuDev } from "../device/vu_dev.ts";
+import { Connection } from "./connection.ts";
+import { MainLoop } from "./event_loop.ts";
+import { ErrnoError } from "../../ffi/errno.ts";
+
+export interface ServerOptions {
+  socketPath: string;
+  device: Device;
+  log: Logger;
+  /** Print every message both ways. */
+  trace?: boolean;
+  /** Defaults to a new MainLoop (Bun's main thread). */
+  loop?: EventLoop & { close?(): void; ref?(on: boolean): void };
+}
+
+export class VuServer {
+  private listenFd = -1;
+  private listenWatch = -1;
+  private conn: Connection | null = null;
+  private readonly loop: EventLoop & { close?(): void; ref?(on: boolean): void };
+  private stopping: Promise<void> | null = null;
+  /** Number of front-ends served so far. */
+  connections = 0;
+
+  constructor(readonly opts: ServerOptions) {
+    this.loop = opts.loop ?? new MainLoop();
+  }
+
+  get log(): Logger {
+    return this.opts.log;
+  }
+
+  /** The connected front-end's device state, if any. */
+  get current(): VuDev | null {
+    return this.conn?.dev ?? null;
+  }
+
+  /**
+   * Binds and listens. Refuses when a live server answers on the path;
+   * replaces a stale socket file left by a dead one.
+   */
+  start(): void {
+    const path = this.opts.socketPath;
+    if (existsSync(path)) {
+      if (!lstatSync(path).isSocket()) throw new Error(`${path} exists and is not a socket`);
+      const probe = sys.socketUnix(false);
+      let live = false;
+      try {
+        sys.connectUnix(probe, path);
+        live = true;
+      } catch (e) {
+        if (!(e instanceof ErrnoError && (e.code === "ECONNREFUSED" || e.code === "ENOENT"))) throw e;
+      } finally {
+        sys.closeQuiet(probe);
+      }
+      if (live) throw new Error(`${path}: another server is listening there`);
+      unlinkSync(path);
+      this.log.info(`removed stale socket ${path}`);
+    }
+    const fd = sys.socketUnix(true);
+    try {
+      sys.bindUnix(fd, path);
+      sys.listen(fd, 4);
+    } catch (e) {
+      sys.closeQuiet(fd);
+      throw e;
+    }
+    this.listenFd = fd;
+    this.listenWatch = this.loop.watch(fd, () => this.onAccept());
+    this.loop.ref?.(true);
+  }
+
+  private onAccept(): void {
+    for (;;) {
+      let fd: number | null;
+      try {
+        fd = sys.accept(this.listenFd);
+      } catch (e) {
+        this.log.error(`accept: ${e instanceof Error ? e.message : e}`);
+        return;
+      }
+      if (fd === null) return;
+      if (this.conn !== null || this.stopping) {
+        this.log.warn(`refused a second front-end (fd ${fd}): one is already connected`);
+        sys.closeQuiet(fd);
+        continue;
+      }
+      this.serve(fd);
+    }
+  }
+
+  private serve(fd: number): void {
+    this.connections++;
+    this.log.info(`front-end connected (connection ${this.connections})`);
+    let conn: Connection;
+    const dev = new VuDev(this.opts.device, {
+      log: this.log,
+      loop: this.loop,
+      onBroken: (e) => void conn.end(`device broken: ${e.message}`),
+    });
+    conn = new Connection(fd, dev, this.loop, this.log, this.opts.trace);
+    this.conn = conn;
+    void conn.done.then(() => {
+      if (this.conn === conn) this.conn = null;
+    });
+  }
+
+  /** Resolves when the current front-end (if any) has gone. */
+  async idle(): Promise<void> {
+    while (this.conn) await this.conn.done;
+  }
+
+  /**
+   * Stops listening, ends the current connection after its in-flight
+   * requests completed, removes the socket file and closes the loop.
+   */
+  stop(): Promise<void> {
+    return (this.stopping ??= (async () => {
+      if (this.listenWatch >= 0) this.loop.unwatch(this.listenWatch);
+      sys.closeQuiet(this.listenFd);
+      this.listenFd = -1;
+      try {
+        unlinkSync(this.opts.socketPath);
+      } catch {
+        // already gone
+      }
+      if (this.conn) await this.conn.end("server stopping");
+      this.loop.close?.();
+    })());
+  }
+}
