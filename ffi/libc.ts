@@ -4,7 +4,9 @@
  * arrives as a plain number (never a BigInt, never a "pointer" to MAP_FAILED).
  * Nothing but `ffi/` may import this module.
  */
-import { dlopen } from "bun:ffi";
+import { dlopen, FFIType, type Pointer } from "bun:ffi";
+
+const i64f = FFIType.i64_fast;
 
 const path = process.platform === "linux" ? "libc.so.6" : "libc.dylib";
 
@@ -19,28 +21,28 @@ export const libc = dlopen(path, {
   accept4: { args: ["i32", "ptr", "ptr", "i32"], returns: "i32" },
   connect: { args: ["i32", "ptr", "u32"], returns: "i32" },
   shutdown: { args: ["i32", "i32"], returns: "i32" },
-  recvmsg: { args: ["i32", "ptr", "i32"], returns: "i64_fast" },
-  sendmsg: { args: ["i32", "ptr", "i32"], returns: "i64_fast" },
+  recvmsg: { args: ["i32", "ptr", "i32"], returns: i64f },
+  sendmsg: { args: ["i32", "ptr", "i32"], returns: i64f },
   getsockopt: { args: ["i32", "i32", "i32", "ptr", "ptr"], returns: "i32" },
 
   open: { args: ["cstring", "i32", "u32"], returns: "i32" },
   close: { args: ["i32"], returns: "i32" },
-  read: { args: ["i32", "ptr", "usize"], returns: "i64_fast" },
-  write: { args: ["i32", "ptr", "usize"], returns: "i64_fast" },
-  pread: { args: ["i32", "ptr", "usize", "i64_fast"], returns: "i64_fast" },
-  pwrite: { args: ["i32", "ptr", "usize", "i64_fast"], returns: "i64_fast" },
-  preadv: { args: ["i32", "ptr", "i32", "i64_fast"], returns: "i64_fast" },
-  pwritev: { args: ["i32", "ptr", "i32", "i64_fast"], returns: "i64_fast" },
+  read: { args: ["i32", "ptr", "usize"], returns: i64f },
+  write: { args: ["i32", "ptr", "usize"], returns: i64f },
+  pread: { args: ["i32", "ptr", "usize", i64f], returns: i64f },
+  pwrite: { args: ["i32", "ptr", "usize", i64f], returns: i64f },
+  preadv: { args: ["i32", "ptr", "i32", i64f], returns: i64f },
+  pwritev: { args: ["i32", "ptr", "i32", i64f], returns: i64f },
   fsync: { args: ["i32"], returns: "i32" },
   fdatasync: { args: ["i32"], returns: "i32" },
-  fallocate: { args: ["i32", "i32", "i64_fast", "i64_fast"], returns: "i32" },
-  ftruncate: { args: ["i32", "i64_fast"], returns: "i32" },
-  lseek: { args: ["i32", "i64_fast", "i32"], returns: "i64_fast" },
-  fcntl: { args: ["i32", "i32", "i64_fast"], returns: "i32" },
+  fallocate: { args: ["i32", "i32", i64f, i64f], returns: "i32" },
+  ftruncate: { args: ["i32", i64f], returns: "i32" },
+  lseek: { args: ["i32", i64f, "i32"], returns: i64f },
+  fcntl: { args: ["i32", "i32", i64f], returns: "i32" },
   ioctl: { args: ["i32", "u64", "ptr"], returns: "i32" },
   dup: { args: ["i32"], returns: "i32" },
 
-  mmap: { args: ["ptr", "usize", "i32", "i32", "i32", "i64_fast"], returns: "i64_fast" },
+  mmap: { args: ["ptr", "usize", "i32", "i32", "i32", i64f], returns: i64f },
   munmap: { args: ["ptr", "usize"], returns: "i32" },
   memfd_create: { args: ["cstring", "u32"], returns: "i32" },
   eventfd: { args: ["u32", "i32"], returns: "i32" },
@@ -51,4 +53,12 @@ export const libc = dlopen(path, {
   poll: { args: ["ptr", "u64", "i32"], returns: "i32" },
 });
 
-export const sym = libc.symbols;
+/**
+ * The symbols with plain signatures: every argument a number or a typed array
+ * (Bun passes its address), every result a number. bun-types models `usize`
+ * and `i64_fast` as possibly-BigInt; with our declarations they are numbers.
+ */
+type Arg = number | bigint | null | Pointer | NodeJS.TypedArray | DataView;
+export const sym = libc.symbols as unknown as {
+  [K in Exclude<keyof typeof libc.symbols, "__errno_location" | "strerror">]: (...args: Arg[]) => number;
+} & { __errno_location(): Pointer; strerror(e: number): string };

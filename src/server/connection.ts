@@ -50,7 +50,10 @@ export class Connection {
           const n = this.rx.recv(this.fd, this.got, want, this.fds);
           if (this.rx.ctrunc) throw new ProtocolError("message", "fds", "more fds than a message can carry (control data truncated)");
           if (n === null) return; // wait for more
-          if (n === 0) return this.end("front-end closed the connection");
+          if (n === 0) {
+            void this.end("front-end closed the connection");
+            return;
+          }
           this.got += n;
           continue;
         }

@@ -46,19 +46,19 @@ export class SplitQueue {
   broken: VirtqError | null = null;
 
   // Whole-window views and base indexes (in elements of the view) of each ring.
-  private d16 = new Uint16Array(0);
-  private d32 = new Uint32Array(0);
+  private d16: Uint16Array = new Uint16Array(0);
+  private d32: Uint32Array = new Uint32Array(0);
   private dBase = 0; // u32 index of descriptor 0
-  private a16 = new Uint16Array(0);
+  private a16: Uint16Array = new Uint16Array(0);
   private aBase = 0; // u16 index of avail.flags
-  private u16 = new Uint16Array(0);
-  private u32 = new Uint32Array(0);
+  private u16: Uint16Array = new Uint16Array(0);
+  private u32: Uint32Array = new Uint32Array(0);
   private uBase16 = 0; // u16 index of used.flags
   private uBase32 = 0; // u32 index of used.flags|idx
   private signalledUsed = 0;
   private signalledValid = false;
   private readonly span: Span = newSpan();
-  private bounce = new Uint32Array(0);
+  private bounce: Uint32Array = new Uint32Array(0);
 
   constructor(readonly index: number, private readonly mem: GuestMemory) {}
 

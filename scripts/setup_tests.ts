@@ -1,0 +1,34 @@
+#!/usr/bin/env bun
+/**
+ * Installs what the test suite needs beyond npm packages: QEMU (for
+ * qemu-storage-daemon, the reference back-end, and qemu-system-x86_64).
+ * Uses apt-get when running as root on Debian; otherwise says what is
+ * missing (the tests that need it then skip with a one-line reason).
+ *
+ *   bun scripts/setup_tests.ts
+ */
+import { $, which } from "zx";
+
+$.verbose = true;
+
+const needed: Record<string, string> = {
+  "qemu-storage-daemon": "qemu-system-x86",
+  "qemu-system-x86_64": "qemu-system-x86",
+  "qemu-img": "qemu-utils",
+};
+
+const missing = new Set<string>();
+for (const [tool, pkg] of Object.entries(needed)) {
+  if (!(await which(tool, { nothrow: true }))) missing.add(pkg);
+}
+
+if (missing.size === 0) {
+  console.log("setup_tests: everything the tests need is installed");
+} else if (process.getuid?.() === 0 && (await which("apt-get", { nothrow: true }))) {
+  const pkgs = [...missing];
+  console.log(`setup_tests: installing ${pkgs.join(" ")}`);
+  await $({ env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" } })`apt-get update -q`;
+  await $({ env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" } })`apt-get install -y -q --no-install-recommends ${pkgs}`;
+} else {
+  console.log(`setup_tests: missing ${[...missing].join(" ")} (not root or no apt-get): tests that need them will skip`);
+}
