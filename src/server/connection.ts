@@ -69,7 +69,7 @@ export class Connection {
         this.fds = [];
         let m: Message;
         try {
-          m = decodeRequest(h, new DataView(this.rx.data.buffer, this.rx.data.byteOffset + HDR_SIZE, h.size), fds);
+          m = decodeRequest(h, new DataView(this.rx.data.buffer, this.rx.data.byteOffset + HDR_SIZE, h.size), fds, { queues: this.dev.vrings.length });
         } catch (e) {
           for (const f of fds) sys.closeQuiet(f);
           throw e;
