@@ -1,0 +1,149 @@
+/**
+ * Starting QEMU for tests: finds the binary, builds the command line for a
+ * q35 TCG machine with shared memfd memory and vhost-user-blk devices, runs
+ * it with its console on stdout, and always reaps it. Failure messages carry
+ * QEMU's stderr and the console tail.
+ */
+import { spawn, type Subprocess } from "bun";
+
+export const QEMU = Bun.which("qemu-system-x86_64");
+
+/** Why QEMU tests cannot run here, or null. */
+export function qemuSkipReason(): string | null {
+  return QEMU ? null : "qemu-system-x86_64 not installed (run `bun scripts/setup_tests.ts` as root)";
+}
+
+export interface VhostUserBlkOptions {
+  socket: string;
+  numQueues?: number;
+  queueSize?: number;
+  packed?: boolean;
+  eventIdx?: boolean;
+  indirectDesc?: boolean;
+  /** -chardev reconnect= in seconds (QEMU 7.2). */
+  reconnect?: number;
+  /** PCI address such as "04.0". */
+  addr?: string;
+  id?: string;
+}
+
+export interface QemuOptions {
+  memMiB?: number;
+  smp?: number;
+  blk?: VhostUserBlkOptions[];
+  kernel?: string;
+  initrd?: string;
+  append?: string;
+  bios?: string;
+  /** -qtest unix:PATH (QEMU connects to a listener there). */
+  qtest?: string;
+  extra?: string[];
+}
+
+const onOff = (b: boolean) => (b ? "on" : "off");
+
+export function qemuArgs(o: QemuOptions): string[] {
+  const mem = o.memMiB ?? 256;
+  const a = [
+    "-machine", "q35,accel=tcg", "-m", `${mem}M`, "-smp", String(o.smp ?? 1),
+    "-object", `memory-backend-memfd,id=mem,size=${mem}M,share=on`, "-numa", "node,memdev=mem",
+    "-display", "none", "-nodefaults", "-no-reboot",
+  ];
+  if (o.bios) a.push("-bios", o.bios);
+  if (o.kernel) a.push("-kernel", o.kernel);
+  if (o.initrd) a.push("-initrd", o.initrd);
+  if (o.append) a.push("-append", o.append);
+  if (o.qtest) a.push("-qtest", `unix:${o.qtest}`, "-qtest-log", "/dev/null");
+  else a.push("-serial", "stdio", "-monitor", "none");
+  (o.blk ?? []).forEach((b, i) => {
+    const id = b.id ?? `vu${i}`;
+    a.push("-chardev", `socket,id=${id},path=${b.socket}${b.reconnect !== undefined ? `,reconnect=${b.reconnect}` : ""}`);
+    let dev = `vhost-user-blk-pci,chardev=${id},id=${id}dev,num-queues=${b.numQueues ?? 1}`;
+    if (b.queueSize !== undefined) dev += `,queue-size=${b.queueSize}`;
+    if (b.packed !== undefined) dev += `,packed=${onOff(b.packed)}`;
+    if (b.eventIdx !== undefined) dev += `,event_idx=${onOff(b.eventIdx)}`;
+    if (b.indirectDesc !== undefined) dev += `,indirect_desc=${onOff(b.indirectDesc)}`;
+    if (b.addr) dev += `,addr=${b.addr}`;
+    a.push("-device", dev);
+  });
+  a.push(...(o.extra ?? []));
+  return a;
+}
+
+/** A running QEMU; `output` accumulates its stdout (the serial console when not in qtest mode). */
+export class QemuProcess {
+  output = "";
+  errors = "";
+  readonly exited: Promise<number>;
+  private waiters: (() => void)[] = [];
+
+  private constructor(readonly proc: Subprocess<"pipe", "pipe", "pipe">, readonly args: string[]) {
+    this.exited = proc.exited;
+    void this.pump(proc.stdout, (s) => (this.output += s));
+    void this.pump(proc.stderr, (s) => (this.errors += s));
+  }
+
+  static start(o: QemuOptions): QemuProcess {
+    if (!QEMU) throw new Error(qemuSkipReason()!);
+    const args = qemuArgs(o);
+    const proc = spawn([QEMU, ...args], { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
+    return new QemuProcess(proc, args);
+  }
+
+  private async pump(s: ReadableStream<Uint8Array>, add: (t: string) => void): Promise<void> {
+    const dec = new TextDecoder();
+    for await (const chunk of s) {
+      add(dec.decode(chunk, { stream: true }));
+      const w = this.waiters;
+      this.waiters = [];
+      for (const f of w) f();
+    }
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+
+  get pid(): number {
+    return this.proc.pid;
+  }
+
+  /** Waits until stdout matches `re`; throws with the console tail and stderr on timeout or exit. */
+  async waitFor(re: RegExp, timeoutMs: number): Promise<RegExpMatchArray> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const m = this.output.match(re);
+      if (m) return m;
+      if (this.proc.exitCode !== null || this.proc.signalCode !== null) {
+        throw new Error(`QEMU exited (${this.proc.exitCode ?? this.proc.signalCode}) before ${re}\n${this.describe()}`);
+      }
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`timeout waiting for ${re}\n${this.describe()}`);
+      await new Promise<void>((res) => {
+        const t = setTimeout(res, Math.min(left, 200));
+        this.waiters.push(() => { clearTimeout(t); res(); });
+      });
+    }
+  }
+
+  /** Writes a line to QEMU's stdin (the guest's console input). */
+  send(line: string): void {
+    this.proc.stdin.write(line + "\n");
+    this.proc.stdin.flush();
+  }
+
+  describe(): string {
+    const tail = this.output.split("\n").slice(-30).join("\n");
+    return `--- qemu ${this.args.join(" ")}\n--- console tail:\n${tail}\n--- stderr:\n${this.errors}`;
+  }
+
+  /** Kills QEMU (SIGTERM, then SIGKILL after `graceMs`) and reaps it. */
+  async stop(graceMs = 2000): Promise<number> {
+    if (this.proc.exitCode === null && this.proc.signalCode === null) {
+      this.proc.kill("SIGTERM");
+      const t = setTimeout(() => this.proc.kill("SIGKILL"), graceMs);
+      await this.exited;
+      clearTimeout(t);
+    }
+    return this.exited;
+  }
+}
