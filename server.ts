@@ -84,7 +84,7 @@ function main(): void {
   const log = stderrLogger(level);
   let backing: Backing;
   try {
-    if (args.image) backing = openFileBacking(args.image, { readonly: args.readonly, direct: args.direct });
+    if (args.image) backing = openFileBacking(args.image, { readonly: args.readonly || undefined, direct: args.direct });
     else if (args.null) backing = nullBacking(parseSize(args.null));
     else backing = ramBacking(parseSize(args.size ?? "256M"));
   } catch (e) {

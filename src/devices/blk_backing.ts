@@ -155,30 +155,31 @@ class FileBacking implements Backing {
 
   discard(pos: number, len: number): void {
     this.writable();
-    try {
-      sys.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, pos, len);
-    } catch (e) {
-      // Discard is a hint (VIRTIO 1.2 §5.2.6.2: the device MAY deallocate).
-      if (!unsupported(e)) throw e;
-    }
+    // Discard is a hint (VIRTIO 1.2 §5.2.6.2: the device MAY deallocate): nothing to do without hole punching.
+    this.tryFallocate(FALLOC_FL_PUNCH_HOLE, pos, len);
   }
 
   writeZeroes(pos: number, len: number, unmap: boolean): void {
     this.writable();
-    for (const mode of unmap ? [FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE] : [FALLOC_FL_ZERO_RANGE]) {
-      try {
-        sys.fallocate(this.fd, mode | FALLOC_FL_KEEP_SIZE, pos, len);
-        return;
-      } catch (e) {
-        if (!unsupported(e)) throw e;
-      }
-    }
+    if (unmap && this.tryFallocate(FALLOC_FL_PUNCH_HOLE, pos, len)) return;
+    if (this.tryFallocate(FALLOC_FL_ZERO_RANGE, pos, len)) return;
     const b = this.bounce();
     b.u8.fill(0);
     for (let done = 0; done < len;) {
       const n = Math.min(len - done, b.size);
       this.pwriteAll(b, n, pos + done);
       done += n;
+    }
+  }
+
+  /** False when the filesystem lacks `mode`; other failures throw. */
+  private tryFallocate(mode: number, pos: number, len: number): boolean {
+    try {
+      sys.fallocate(this.fd, mode | FALLOC_FL_KEEP_SIZE, pos, len);
+      return true;
+    } catch (e) {
+      if (!unsupported(e)) throw e;
+      return false;
     }
   }
 
@@ -228,9 +229,9 @@ export function openFileBacking(path: string, opts: { readonly?: boolean; direct
   }
 }
 
-function checkSize(kind: string, size: number, max = Number.MAX_SAFE_INTEGER): void {
-  if (!Number.isSafeInteger(size) || size < SECTOR || size % SECTOR !== 0 || size > max) {
-    throw new BlkBackingError("SIZE", kind, `size ${size}: must be a multiple of ${SECTOR} in [${SECTOR}, ${max}]`);
+function checkSize(kind: string, size: number): void {
+  if (!Number.isSafeInteger(size) || size < SECTOR || size % SECTOR !== 0) {
+    throw new BlkBackingError("SIZE", kind, `size ${size}: must be a positive multiple of ${SECTOR} below 2^53`);
   }
 }
 

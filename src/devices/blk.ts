@@ -1,0 +1,219 @@
+/**
+ * virtio-blk (VIRTIO 1.2 §5.2): a disk over a Backing. Every request is
+ * handled synchronously; its status byte goes in the last writable byte, and
+ * any writable byte the request does not define is zeroed before it, so the
+ * used length is always the whole writable area.
+ */
+import { ChainRangeError, VIRTIO_ID_BLOCK } from "../device/api.ts";
+import type { ChainReader, ChainWriter, Device, Request } from "../device/api.ts";
+import type { Backing } from "./blk_backing.ts";
+
+export { nullBacking, openFileBacking, ramBacking } from "./blk_backing.ts";
+export type { Backing } from "./blk_backing.ts";
+
+// Feature bit numbers (§5.2.3).
+export const VIRTIO_BLK_F_SIZE_MAX = 1, VIRTIO_BLK_F_SEG_MAX = 2, VIRTIO_BLK_F_GEOMETRY = 4, VIRTIO_BLK_F_RO = 5,
+  VIRTIO_BLK_F_BLK_SIZE = 6, VIRTIO_BLK_F_FLUSH = 9, VIRTIO_BLK_F_TOPOLOGY = 10, VIRTIO_BLK_F_CONFIG_WCE = 11,
+  VIRTIO_BLK_F_MQ = 12, VIRTIO_BLK_F_DISCARD = 13, VIRTIO_BLK_F_WRITE_ZEROES = 14, VIRTIO_BLK_F_LIFETIME = 15,
+  VIRTIO_BLK_F_SECURE_ERASE = 16, VIRTIO_BLK_F_ZONED = 17;
+
+// Request types (§5.2.6).
+export const VIRTIO_BLK_T_IN = 0, VIRTIO_BLK_T_OUT = 1, VIRTIO_BLK_T_FLUSH = 4, VIRTIO_BLK_T_GET_ID = 8,
+  VIRTIO_BLK_T_GET_LIFETIME = 10, VIRTIO_BLK_T_DISCARD = 11, VIRTIO_BLK_T_WRITE_ZEROES = 13,
+  VIRTIO_BLK_T_SECURE_ERASE = 14;
+
+export const VIRTIO_BLK_S_OK = 0, VIRTIO_BLK_S_IOERR = 1, VIRTIO_BLK_S_UNSUPP = 2;
+
+/** `flags` bit 0 of a discard/write-zeroes segment. */
+export const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1;
+export const VIRTIO_BLK_ID_BYTES = 20;
+/** struct virtio_blk_config up to and including the secure-erase fields. */
+export const VIRTIO_BLK_CONFIG_SIZE = 72;
+
+/** Limits advertised in the config space; a segment of the maximum size costs one bounded stall of the queue. */
+export const BLK_MAX_DISCARD_SECTORS = 1 << 16, BLK_MAX_WRITE_ZEROES_SECTORS = 1 << 16, BLK_MAX_SEGMENTS = 16;
+
+const SECTOR = 512, HEADER = 16, SEGMENT = 16;
+
+export interface BlkOptions {
+  backing: Backing;
+  /** Offer VIRTIO_BLK_F_RO and refuse writes even if the backing is writable. */
+  readonly?: boolean;
+  /** Request queues, 1..65535 (default 1). */
+  queues?: number;
+  /** Largest queue size, a power of two in 4..32768 (default 256); seg_max is this minus 2. */
+  queueSize?: number;
+  /** GET_ID string: printable ASCII, at most 20 bytes (default "bunvhost"). */
+  serial?: string;
+  /** blk_size: a power of two in 512..65536 (default 512); the protocol still counts 512-byte sectors. */
+  logicalBlockSize?: number;
+}
+
+const bit = (n: number) => 1n << BigInt(n);
+const pow2 = (n: number, lo: number, hi: number) => Number.isInteger(n) && n >= lo && n <= hi && (n & (n - 1)) === 0;
+
+class Blk implements Device {
+  readonly name = "blk";
+  readonly type = VIRTIO_ID_BLOCK;
+  readonly features: bigint;
+  private readonly sectors: number;
+  private readonly cfg = new Uint8Array(VIRTIO_BLK_CONFIG_SIZE);
+  private readonly id = new Uint8Array(VIRTIO_BLK_ID_BYTES);
+  /** Until FLUSH is negotiated every write is made durable before it completes (§5.2.6.2, stable writes). */
+  private writethrough = true;
+  private readonly segSector = new Float64Array(BLK_MAX_SEGMENTS);
+  private readonly segCount = new Float64Array(BLK_MAX_SEGMENTS);
+  private readonly segUnmap = new Uint8Array(BLK_MAX_SEGMENTS);
+
+  constructor(private readonly backing: Backing, private readonly ro: boolean, readonly queues: number,
+    readonly queueSize: number, serial: Uint8Array, blockSize: number) {
+    this.sectors = Math.floor(backing.size / SECTOR);
+    this.id.set(serial);
+    this.features = bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE) | bit(VIRTIO_BLK_F_FLUSH) |
+      bit(VIRTIO_BLK_F_MQ) | bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES) |
+      (ro ? bit(VIRTIO_BLK_F_RO) : 0n);
+    const c = new DataView(this.cfg.buffer);
+    c.setUint32(0, this.sectors % 2 ** 32, true);
+    c.setUint32(4, Math.floor(this.sectors / 2 ** 32), true);
+    c.setUint32(12, queueSize - 2, true);
+    c.setUint32(20, blockSize, true);
+    c.setUint16(34, queues, true);
+    c.setUint32(36, BLK_MAX_DISCARD_SECTORS, true);
+    c.setUint32(40, BLK_MAX_SEGMENTS, true);
+    c.setUint32(44, blockSize / SECTOR, true);
+    c.setUint32(48, BLK_MAX_WRITE_ZEROES_SECTORS, true);
+    c.setUint32(52, BLK_MAX_SEGMENTS, true);
+    c.setUint8(56, 1);
+  }
+
+  config(): Uint8Array {
+    return this.cfg;
+  }
+
+  setFeatures(features: bigint): void {
+    this.writethrough = (features & bit(VIRTIO_BLK_F_FLUSH)) === 0n;
+  }
+
+  reset(): void {
+    this.writethrough = true;
+  }
+
+  close(): void {
+    this.backing.close();
+  }
+
+  handle(req: Request): void {
+    const w = req.out;
+    if (w.remaining < 1) throw new ChainRangeError(`virtio-blk: no writable byte for the status (head ${req.head})`);
+    let status: number;
+    try {
+      status = this.execute(req.in, w);
+    } catch {
+      status = VIRTIO_BLK_S_IOERR;
+    }
+    const gap = w.remaining - 1;
+    if (gap > 0) w.fill(gap);
+    w.writeU8(status);
+  }
+
+  private execute(r: ChainReader, w: ChainWriter): number {
+    if (r.remaining < HEADER) return VIRTIO_BLK_S_IOERR;
+    const type = r.readU32();
+    r.skip(4);
+    const sector = r.readU64();
+    switch (type) {
+      case VIRTIO_BLK_T_IN: {
+        const len = w.remaining - 1;
+        if (len % SECTOR !== 0 || !this.inRange(sector, len / SECTOR)) return VIRTIO_BLK_S_IOERR;
+        this.backing.read(w, sector * SECTOR, len);
+        return VIRTIO_BLK_S_OK;
+      }
+      case VIRTIO_BLK_T_OUT: {
+        const len = r.remaining;
+        if (this.ro || len % SECTOR !== 0 || !this.inRange(sector, len / SECTOR)) return VIRTIO_BLK_S_IOERR;
+        this.backing.write(r, sector * SECTOR, len);
+        if (this.writethrough) this.backing.flush();
+        return VIRTIO_BLK_S_OK;
+      }
+      case VIRTIO_BLK_T_FLUSH:
+        if (!this.ro) this.backing.flush();
+        return VIRTIO_BLK_S_OK;
+      case VIRTIO_BLK_T_GET_ID: {
+        const avail = w.remaining - 1;
+        if (avail >= VIRTIO_BLK_ID_BYTES) {
+          w.copyFrom(this.id);
+          return VIRTIO_BLK_S_OK;
+        }
+        // The driver MUST give 20 bytes (§5.2.6.1); a cut-off id is not reported as complete.
+        w.copyFrom(this.id.subarray(0, avail));
+        return VIRTIO_BLK_S_IOERR;
+      }
+      case VIRTIO_BLK_T_DISCARD:
+        return this.segments(r, false);
+      case VIRTIO_BLK_T_WRITE_ZEROES:
+        return this.segments(r, true);
+      default:
+        return VIRTIO_BLK_S_UNSUPP;
+    }
+  }
+
+  /**
+   * `sector` comes from readU64 and may be far above 2^53 (then rounded), but
+   * any such value is above `sectors` (< 2^44), so every comparison and
+   * difference here is on exact integers and nothing can wrap.
+   */
+  private inRange(sector: number, count: number): boolean {
+    return sector <= this.sectors && count <= this.sectors - sector;
+  }
+
+  private segments(r: ChainReader, zeroes: boolean): number {
+    const bytes = r.remaining;
+    if (bytes === 0 || bytes % SEGMENT !== 0 || bytes / SEGMENT > BLK_MAX_SEGMENTS) return VIRTIO_BLK_S_IOERR;
+    const n = bytes / SEGMENT;
+    const max = zeroes ? BLK_MAX_WRITE_ZEROES_SECTORS : BLK_MAX_DISCARD_SECTORS;
+    let status = VIRTIO_BLK_S_OK;
+    for (let i = 0; i < n; i++) {
+      const sector = r.readU64(), count = r.readU32(), flags = r.readU32();
+      // §5.2.6.2: unknown flags, and UNMAP on a discard, are UNSUPP.
+      if ((flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) !== 0 || (!zeroes && flags !== 0)) return VIRTIO_BLK_S_UNSUPP;
+      if (count > max || !this.inRange(sector, count)) status = VIRTIO_BLK_S_IOERR;
+      this.segSector[i] = sector;
+      this.segCount[i] = count;
+      this.segUnmap[i] = flags;
+    }
+    if (status !== VIRTIO_BLK_S_OK || this.ro) return VIRTIO_BLK_S_IOERR;
+    for (let i = 0; i < n; i++) {
+      const pos = this.segSector[i]! * SECTOR, len = this.segCount[i]! * SECTOR;
+      if (len === 0) continue;
+      if (zeroes) this.backing.writeZeroes(pos, len, this.segUnmap[i] !== 0);
+      else this.backing.discard(pos, len);
+    }
+    if (this.writethrough) this.backing.flush();
+    return VIRTIO_BLK_S_OK;
+  }
+}
+
+/**
+ * A virtio-blk device over `opts.backing`.
+ * @example
+ * const dev = createBlk({ backing: openFileBacking("disk.raw"), queues: 4 });
+ */
+export function createBlk(opts: BlkOptions): Device {
+  const queues = opts.queues ?? 1, queueSize = opts.queueSize ?? 256, blockSize = opts.logicalBlockSize ?? 512;
+  const serial = opts.serial ?? "bunvhost";
+  if (!Number.isInteger(queues) || queues < 1 || queues > 65535) {
+    throw new RangeError(`virtio-blk: queues ${queues}: must be an integer in 1..65535`);
+  }
+  if (!pow2(queueSize, 4, 32768)) throw new RangeError(`virtio-blk: queueSize ${queueSize}: must be a power of two in 4..32768`);
+  if (!pow2(blockSize, SECTOR, 65536)) {
+    throw new RangeError(`virtio-blk: logicalBlockSize ${blockSize}: must be a power of two in 512..65536`);
+  }
+  if (!/^[\x20-\x7e]{0,20}$/.test(serial)) {
+    throw new RangeError(`virtio-blk: serial ${JSON.stringify(serial)}: must be at most 20 printable ASCII characters`);
+  }
+  if (opts.backing.size < blockSize) {
+    throw new RangeError(`virtio-blk: backing ${opts.backing.name} holds ${opts.backing.size} bytes, less than one ${blockSize}-byte block`);
+  }
+  const id = new TextEncoder().encode(serial);
+  return new Blk(opts.backing, opts.readonly === true || opts.backing.readonly, queues, queueSize, id, blockSize);
+}
