@@ -230,8 +230,9 @@ export function connectUnix(fd: number, path: string): void {
   }
 }
 
-export function shutdown(fd: number): void {
-  sym.shutdown(fd, C.SHUT_RDWR);
+/** shutdown(2): both directions by default, or only writing (the peer then reads EOF). */
+export function shutdown(fd: number, how: "rdwr" | "wr" = "rdwr"): void {
+  sym.shutdown(fd, how === "wr" ? 1 : C.SHUT_RDWR);
 }
 
 /**
@@ -345,7 +346,12 @@ export class EpollEvents {
   }
   /** Blocks up to `timeoutMs` (-1: forever); returns the number of ready events. */
   wait(ep: number, timeoutMs: number): number {
-    return retry("epoll_wait", () => sym.epoll_wait(ep, this.mem.ptr as any, this.max, timeoutMs)) ?? 0;
+    for (;;) {
+      const n = sym.epoll_wait(ep, this.mem.ptr, this.max, timeoutMs);
+      if (n >= 0) return n;
+      const e = errno();
+      if (e !== EINTR) throw new ErrnoError("epoll_wait", e);
+    }
   }
   events(i: number): number {
     return this.mem.dv.getUint32(i * EPOLL_EVENT_SIZE, true);
@@ -355,10 +361,13 @@ export class EpollEvents {
   }
 }
 
+const pollBuf = new Uint8Array(8);
+const pollDv = new DataView(pollBuf.buffer);
+
 /** poll(2) on one fd; returns revents (0 on timeout). */
 export function poll1(fd: number, events: number, timeoutMs: number): number {
-  const b = new Uint8Array(8);
-  const dv = new DataView(b.buffer);
+  const b = pollBuf;
+  const dv = pollDv;
   dv.setInt32(0, fd, true);
   dv.setInt16(4, events, true);
   const r = retry("poll", () => sym.poll(b as any, 1n as any, timeoutMs)) ?? 0;

@@ -7,8 +7,12 @@
  * refused with a log line and never disturbs the first. When the front-end
  * goes away (or breaks the protocol, or its guest breaks a ring) the
  * connection waits for its in-flight requests, unmaps guest memory, closes
- * every fd, and the server takes the next front-end. stop() does the same
- * and removes the socket file.
+ * every fd, and the server takes the next front-end. While a front-end is
+ * served the listening socket is not watched: a second front-end waits in
+ * the listen backlog (as with qemu-storage-daemon) and is served once the
+ * first has gone, so a front-end that reconnects at once is never turned
+ * away because its old connection's EOF was not yet seen. stop() does the
+ * same and removes the socket file.
  */
 import { existsSync, lstatSync, unlinkSync } from "node:fs";
 import * as sys from "../../ffi/sys.ts";
@@ -83,27 +87,31 @@ export class VuServer {
       throw e;
     }
     this.listenFd = fd;
-    this.listenWatch = this.loop.watch(fd, () => this.onAccept());
+    this.watchListener();
     this.loop.ref?.(true);
   }
 
-  private onAccept(): void {
-    for (;;) {
-      let fd: number | null;
-      try {
-        fd = sys.accept(this.listenFd);
-      } catch (e) {
-        this.log.error(`accept: ${e instanceof Error ? e.message : e}`);
-        return;
-      }
-      if (fd === null) return;
-      if (this.conn !== null || this.stopping) {
-        this.log.warn(`refused a second front-end (fd ${fd}): one is already connected`);
-        sys.closeQuiet(fd);
-        continue;
-      }
-      this.serve(fd);
+  private watchListener(): void {
+    if (this.listenWatch < 0 && this.listenFd >= 0 && !this.stopping) {
+      this.listenWatch = this.loop.watch(this.listenFd, () => this.onAccept());
     }
+  }
+
+  private unwatchListener(): void {
+    if (this.listenWatch >= 0) this.loop.unwatch(this.listenWatch);
+    this.listenWatch = -1;
+  }
+
+  private onAccept(): void {
+    if (this.conn !== null || this.stopping) return;
+    let fd: number | null;
+    try {
+      fd = sys.accept(this.listenFd);
+    } catch (e) {
+      this.log.error(`accept: ${e instanceof Error ? e.message : e}`);
+      return;
+    }
+    if (fd !== null) this.serve(fd);
   }
 
   private serve(fd: number): void {
@@ -117,8 +125,11 @@ export class VuServer {
     });
     conn = new Connection(fd, dev, this.loop, this.log, this.opts.trace);
     this.conn = conn;
+    this.unwatchListener();
     void conn.done.then(() => {
       if (this.conn === conn) this.conn = null;
+      // Back to listening: a front-end already waiting in the backlog is accepted at once.
+      this.watchListener();
     });
   }
 
@@ -133,7 +144,7 @@ export class VuServer {
    */
   stop(): Promise<void> {
     return (this.stopping ??= (async () => {
-      if (this.listenWatch >= 0) this.loop.unwatch(this.listenWatch);
+      this.unwatchListener();
       sys.closeQuiet(this.listenFd);
       this.listenFd = -1;
       try {
