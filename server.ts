@@ -20,7 +20,7 @@ const USAGE = `usage: bun run server.ts [options]
   --readonly           refuse writes (VIRTIO_BLK_F_RO)
   --direct             open --image with O_DIRECT
   --queues N           number of virtqueues (default 1)
-  --queue-size N       largest queue size accepted, a power of 2 (default 256)
+  --queue-size N       largest queue size accepted, a power of 2 (default 1024)
   --serial ID          GET_ID string, at most 20 bytes (default "bunvhost")
   --trace              log every vhost-user message both ways
   --log-level LEVEL    debug, info, warn or error (default info)
@@ -57,7 +57,7 @@ function main(): void {
         socket: { type: "string", default: "./vhost-user-blk.sock" },
         image: { type: "string" }, size: { type: "string" }, null: { type: "string" },
         readonly: { type: "boolean", default: false }, direct: { type: "boolean", default: false },
-        queues: { type: "string", default: "1" }, "queue-size": { type: "string", default: "256" },
+        queues: { type: "string", default: "1" }, "queue-size": { type: "string", default: "1024" },
         serial: { type: "string", default: "bunvhost" }, trace: { type: "boolean", default: false },
         "log-level": { type: "string", default: "info" }, help: { type: "boolean", short: "h", default: false },
       },

@@ -31,6 +31,8 @@ export const VIRTIO_BLK_ID_BYTES = 20;
 export const VIRTIO_BLK_CONFIG_SIZE = 72;
 
 /** Limits advertised in the config space; a segment of the maximum size costs one bounded stall of the queue. */
+/** seg_max is sized for a ring of this many entries (QEMU's default queue-size). */
+export const BLK_SEG_MAX_RING = 128;
 export const BLK_MAX_DISCARD_SECTORS = 1 << 16, BLK_MAX_WRITE_ZEROES_SECTORS = 1 << 16, BLK_MAX_SEGMENTS = 16;
 
 const SECTOR = 512, HEADER = 16, SEGMENT = 16;
@@ -41,7 +43,10 @@ export interface BlkOptions {
   readonly?: boolean;
   /** Request queues, 1..65535 (default 1). */
   queues?: number;
-  /** Largest queue size, a power of two in 4..32768 (default 256); seg_max is this minus 2. */
+  /**
+   * Largest queue size accepted, a power of two in 4..32768 (default 1024, QEMU's maximum:
+   * vhost-user cannot tell the front-end a limit, so a smaller one leaves QEMU's device dead).
+   */
   queueSize?: number;
   /** GET_ID string: printable ASCII, at most 20 bytes (default "bunvhost"). */
   serial?: string;
@@ -75,7 +80,9 @@ class Blk implements Device {
     const c = new DataView(this.cfg.buffer);
     c.setUint32(0, this.sectors % 2 ** 32, true);
     c.setUint32(4, Math.floor(this.sectors / 2 ** 32), true);
-    c.setUint32(12, queueSize - 2, true);
+    // seg_max must fit the ring the driver actually picks (QEMU's default is 128) when it
+    // does not use indirect descriptors; the config is read before the ring size is known.
+    c.setUint32(12, Math.min(queueSize, BLK_SEG_MAX_RING) - 2, true);
     c.setUint32(20, blockSize, true);
     c.setUint16(34, queues, true);
     c.setUint32(36, BLK_MAX_DISCARD_SECTORS, true);
@@ -199,7 +206,7 @@ class Blk implements Device {
  * const dev = createBlk({ backing: openFileBacking("disk.raw"), queues: 4 });
  */
 export function createBlk(opts: BlkOptions): Device {
-  const queues = opts.queues ?? 1, queueSize = opts.queueSize ?? 256, blockSize = opts.logicalBlockSize ?? 512;
+  const queues = opts.queues ?? 1, queueSize = opts.queueSize ?? 1024, blockSize = opts.logicalBlockSize ?? 512;
   const serial = opts.serial ?? "bunvhost";
   if (!Number.isInteger(queues) || queues < 1 || queues > 65535) {
     throw new RangeError(`virtio-blk: queues ${queues}: must be an integer in 1..65535`);

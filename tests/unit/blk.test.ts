@@ -176,12 +176,12 @@ const bit = (n: number) => 1n << BigInt(n);
 
 describe("createBlk() config and features", () => {
   test("createBlk().config() puts each field at its VIRTIO 1.2 §5.2.4 offset", () => {
-    const dev = createBlk({ backing: nullBacking(1000 * 512), queues: 4, queueSize: 128, logicalBlockSize: 4096 });
+    const dev = createBlk({ backing: nullBacking(1000 * 512), queues: 4, queueSize: 64, logicalBlockSize: 4096 });
     const c = dev.config();
     expect(c.length).toBe(72);
     const dv = new DataView(c.buffer, c.byteOffset, c.byteLength);
     expect(dv.getBigUint64(0, true)).toBe(1000n); // capacity in 512-byte sectors, whatever blk_size is
-    expect(dv.getUint32(12, true)).toBe(126); // seg_max = queueSize - 2
+    expect(dv.getUint32(12, true)).toBe(62); // seg_max = min(queueSize, 128) - 2
     expect(dv.getUint32(16, true)).toBe(0); // geometry
     expect(dv.getUint32(20, true)).toBe(4096); // blk_size
     expect(dv.getUint8(33)).toBe(0); // unused0
@@ -202,13 +202,13 @@ describe("createBlk() config and features", () => {
     expect(dv.getBigUint64(0, true)).toBe(2n ** 33n);
   });
 
-  test("createBlk() defaults: 1 queue of 256, 512-byte blocks, serial bunvhost", () => {
+  test("createBlk() defaults: 1 queue of up to 1024, seg_max for a 128-entry ring, 512-byte blocks, serial bunvhost", () => {
     const { dev } = ram();
     expect(dev.type).toBe(2);
     expect(dev.queues).toBe(1);
-    expect(dev.queueSize).toBe(256);
+    expect(dev.queueSize).toBe(1024);
     const dv = new DataView(dev.config().buffer);
-    expect(dv.getUint32(12, true)).toBe(254);
+    expect(dv.getUint32(12, true)).toBe(126);
     expect(dv.getUint32(20, true)).toBe(512);
     expect(dv.getUint16(34, true)).toBe(1);
     const r = run(dev, readable(header(VIRTIO_BLK_T_GET_ID)), writable([21]));
