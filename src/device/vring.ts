@@ -16,19 +16,20 @@ import type { GuestMemory } from "../memory/guest_memory.ts";
 import { newSpan } from "../memory/guest_memory.ts";
 import type { VringAddr } from "../protocol/messages.ts";
 import { ChainRangeError, ChainReader, ChainWriter } from "../virtq/chain_io.ts";
-import { availRingSize, descTableSize, SplitQueue, usedRingSize } from "../virtq/split.ts";
+import { SplitQueue, SPLIT_RING_SIZES } from "../virtq/split.ts";
+import type { RingSizes, VirtQueue } from "../virtq/queue.ts";
 import type { Device, Request } from "./api.ts";
 import type { EventLoop } from "./loop.ts";
 import type { Logger } from "./log.ts";
 
-/** Per-head request state, created on first use of a head and reused. */
+/** Request state, pooled per ring and reused (no allocation per request once warm). */
 class Slot implements Request {
   readonly rp = new Pieces(8);
   readonly wp = new Pieces(8);
   readonly in = new ChainReader(this.rp);
   readonly out = new ChainWriter(this.wp);
-  busy = false;
-  constructor(readonly queue: number, readonly head: number) {}
+  head = -1;
+  constructor(readonly queue: number) {}
 }
 
 export interface VringHost {
@@ -50,8 +51,11 @@ export class Vring {
   enabled = false;
   started = false;
   inflight = 0;
-  readonly q: SplitQueue;
-  private slots: (Slot | undefined)[] = [];
+  q: VirtQueue;
+  private sizes: RingSizes = SPLIT_RING_SIZES;
+  /** Free request slots, and which chain ids are in flight (a guest may not reuse one). */
+  private free: Slot[] = [];
+  private busy = new Uint8Array(0);
   private watchId = -1;
   private flushQueued = false;
   private idleWaiters: (() => void)[] = [];
@@ -66,12 +70,13 @@ export class Vring {
     const a = this.addr;
     if (a === null || this.num === 0) return;
     const mem = this.host.mem;
-    const d = mem.uvaSpan(a.desc, descTableSize(this.num), newSpan());
-    const av = mem.uvaSpan(a.avail, availRingSize(this.num), newSpan());
-    const u = mem.uvaSpan(a.used, usedRingSize(this.num), newSpan());
-    const last = this.q.lastAvail;
+    const d = mem.uvaSpan(a.desc, this.sizes.desc(this.num), newSpan());
+    const av = mem.uvaSpan(a.avail, this.sizes.driver(this.num), newSpan());
+    const u = mem.uvaSpan(a.used, this.sizes.device(this.num), newSpan());
+    const base = this.q.getBase();
     this.q.setRings(this.num, d, av, u);
-    this.q.lastAvail = last;
+    this.q.setBase(base);
+    if (this.busy.length !== this.num) this.busy = new Uint8Array(this.num);
   }
 
   setKick(fd: number): void {
@@ -120,14 +125,21 @@ export class Vring {
     try {
       for (;;) {
         q.disableNotification();
-        let head: number;
-        while ((head = q.peekHead()) >= 0) {
-          const slot = (this.slots[head] ??= new Slot(this.index, head));
-          if (slot.busy) throw (q.broken = new VirtqError("HEAD_BUSY", this.index, head, "head already in flight"));
-          q.take(head, slot.rp, slot.wp);
+        for (;;) {
+          const slot = this.free.pop() ?? new Slot(this.index);
+          const head = q.pop(slot.rp, slot.wp);
+          if (head < 0) {
+            this.free.push(slot);
+            break;
+          }
+          if (this.busy[head]) {
+            this.free.push(slot);
+            throw (q.broken = new VirtqError("HEAD_BUSY", this.index, head, "chain id already in flight"));
+          }
+          this.busy[head] = 1;
+          slot.head = head;
           slot.in.rewind();
           slot.out.rewind();
-          slot.busy = true;
           this.inflight++;
           this.host.inflightChanged(1);
           if (this.handle(slot)) pushed = true;
@@ -179,8 +191,9 @@ export class Vring {
   }
 
   private complete(slot: Slot): void {
-    slot.busy = false;
+    this.busy[slot.head] = 0;
     if (this.q.ready) this.q.push(slot.head, slot.out.pos);
+    this.free.push(slot);
     this.inflight--;
     this.host.inflightChanged(-1);
     if (this.inflight === 0 && this.idleWaiters.length) {
@@ -231,7 +244,7 @@ export class Vring {
     // GET_VRING_BASE also ends the front-end's use of the kick fd (libvhost-user and rust-vmm close it too).
     sys.closeQuiet(this.kickFd);
     this.kickFd = -1;
-    return this.q.lastAvail;
+    return this.q.getBase();
   }
 
   /** Pauses processing without changing the negotiated state (memory table changes). */
@@ -264,9 +277,8 @@ export class Vring {
     this.num = 0;
     this.addr = null;
     this.q.detach();
-    this.q.lastAvail = 0;
-    this.q.usedIdx = 0;
-    this.q.broken = null;
-    for (const s of this.slots) if (s) s.busy = false;
+    this.q = new SplitQueue(this.index, this.host.mem);
+    this.sizes = SPLIT_RING_SIZES;
+    this.busy.fill(0);
   }
 }

@@ -176,9 +176,12 @@ export class VuDev {
       }
       case R.SET_VRING_BASE: {
         const v = this.vring(m, m.state!.index);
-        if (m.state!.num > 0xffff) throw new ProtocolError("SET_VRING_BASE", "num", `${m.state!.num} > 65535`);
         if (v.started) throw new ProtocolError("SET_VRING_BASE", "index", `queue ${v.index} is running`);
-        v.q.lastAvail = m.state!.num;
+        try {
+          v.q.setBase(m.state!.num);
+        } catch (e) {
+          throw new ProtocolError("SET_VRING_BASE", "num", (e as Error).message);
+        }
         return null;
       }
       case R.GET_VRING_BASE: {

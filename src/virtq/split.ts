@@ -17,6 +17,7 @@ import { GuestMemoryError, VirtqError, type VirtqCode } from "../errors.ts";
 import type { GuestMemory, Span } from "../memory/guest_memory.ts";
 import { newSpan } from "../memory/guest_memory.ts";
 import { Pieces } from "../memory/pieces.ts";
+import type { RingSizes, VirtQueue } from "./queue.ts";
 
 export const VRING_DESC_F_NEXT = 1;
 export const VRING_DESC_F_WRITE = 2;
@@ -29,13 +30,15 @@ export const MAX_QUEUE_SIZE = 32768;
 export const descTableSize = (n: number) => 16 * n;
 export const availRingSize = (n: number) => 6 + 2 * n;
 export const usedRingSize = (n: number) => 6 + 8 * n;
+export const SPLIT_RING_SIZES: RingSizes = { desc: descTableSize, driver: availRingSize, device: usedRingSize };
 
 /** The 16-bit index arithmetic of §2.7.10: does the driver want an event for `newIdx`? */
 export function vringNeedEvent(eventIdx: number, newIdx: number, old: number): boolean {
   return ((newIdx - eventIdx - 1) & 0xffff) < ((newIdx - old) & 0xffff);
 }
 
-export class SplitQueue {
+export class SplitQueue implements VirtQueue {
+  readonly layout = "split";
   size = 0;
   /** Next avail index to take (free-running u16). */
   lastAvail = 0;
@@ -203,6 +206,21 @@ export class SplitQueue {
     s.u16 = new Uint16Array(this.bounce.buffer);
     s.off = 0;
     return s;
+  }
+
+  pop(r: Pieces, w: Pieces): number {
+    const head = this.peekHead();
+    if (head >= 0) this.take(head, r, w);
+    return head;
+  }
+
+  getBase(): number {
+    return this.lastAvail;
+  }
+
+  setBase(num: number): void {
+    if (num > 0xffff || num < 0) this.fail("RING_ADDR", num, "split ring base above 65535");
+    this.lastAvail = num;
   }
 
   /** Puts a completed chain in the used ring (visible to the driver after flush). */
