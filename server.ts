@@ -7,10 +7,11 @@
  */
 import { parseArgs } from "node:util";
 import { resolve } from "node:path";
-import { createBlk } from "./src/devices/blk.ts";
-import { nullBacking, openFileBacking, ramBacking, type Backing } from "./src/devices/blk_backing.ts";
+import { createDevice, type BlkSpec } from "./src/devices/blk.ts";
+import { shareBacking, type BackingSpec } from "./src/devices/blk_backing.ts";
 import { stderrLogger, type Level } from "./src/device/log.ts";
 import { VuServer } from "./src/server/vu_server.ts";
+import { IoThread } from "./src/server/io_thread.ts";
 
 const USAGE = `usage: bun run server.ts [options]
   --socket PATH        unix socket to listen on (default ./vhost-user-blk.sock)
@@ -21,6 +22,8 @@ const USAGE = `usage: bun run server.ts [options]
   --direct             open --image with O_DIRECT
   --queues N           number of virtqueues (default 1)
   --queue-size N       largest queue size accepted, a power of 2 (default 1024)
+  --threads N          I/O threads serving the queues (default 1; 0: Bun's main loop)
+  --queue-map LIST     explicit queue→thread map, e.g. 0:0,1:1,2:main (default: round robin)
   --serial ID          GET_ID string, at most 20 bytes (default "bunvhost")
   --trace              log every vhost-user message both ways
   --log-level LEVEL    debug, info, warn or error (default info)
@@ -48,7 +51,15 @@ function parseIntArg(name: string, s: string, min: number, max: number): number 
   return v;
 }
 
-function main(): void {
+function sizeArg(s: string): number {
+  try {
+    return parseSize(s);
+  } catch (e) {
+    usage((e as Error).message);
+  }
+}
+
+async function main(): Promise<void> {
   let args;
   try {
     args = parseArgs({
@@ -59,6 +70,7 @@ function main(): void {
         readonly: { type: "boolean", default: false }, direct: { type: "boolean", default: false },
         queues: { type: "string", default: "1" }, "queue-size": { type: "string", default: "1024" },
         serial: { type: "string", default: "bunvhost" }, trace: { type: "boolean", default: false },
+        threads: { type: "string", default: "1" }, "queue-map": { type: "string" },
         "log-level": { type: "string", default: "info" }, help: { type: "boolean", short: "h", default: false },
       },
       strict: true,
@@ -81,31 +93,55 @@ function main(): void {
   if (new TextEncoder().encode(args.serial!).length > 20) usage("--serial must be at most 20 bytes");
   if (args.direct && !args.image) usage("--direct needs --image");
 
-  const log = stderrLogger(level);
-  let backing: Backing;
-  try {
-    if (args.image) backing = openFileBacking(args.image, { readonly: args.readonly || undefined, direct: args.direct });
-    else if (args.null) backing = nullBacking(parseSize(args.null));
-    else backing = ramBacking(parseSize(args.size ?? "256M"));
-  } catch (e) {
-    if (args.image) {
-      process.stderr.write(`server.ts: cannot open ${args.image}: ${(e as Error).message}\n`);
-      process.exit(1);
+  const threads = parseIntArg("threads", args.threads!, 0, 64);
+  const queueThread = Array.from({ length: queues }, (_, i) => (threads > 0 ? i % threads : -1));
+  if (args["queue-map"]) {
+    for (const item of args["queue-map"].split(",")) {
+      const m = /^(\d+):(\d+|main)$/.exec(item.trim());
+      if (!m) usage(`--queue-map: "${item}" is not QUEUE:THREAD`);
+      const q = Number(m[1]), t = m[2] === "main" ? -1 : Number(m[2]);
+      if (q >= queues) usage(`--queue-map: queue ${q} >= --queues ${queues}`);
+      if (t >= threads) usage(`--queue-map: thread ${t} >= --threads ${threads}`);
+      queueThread[q] = t;
     }
-    usage((e as Error).message);
   }
-  const device = createBlk({ backing, readonly: args.readonly, queues, queueSize, serial: args.serial });
+
+  const log = stderrLogger(level);
+  let backing: BackingSpec;
+  if (args.image) backing = { kind: "file", path: resolve(args.image), readonly: args.readonly || undefined, direct: args.direct };
+  else if (args.null) backing = { kind: "null", size: sizeArg(args.null) };
+  else backing = { kind: "ram", size: sizeArg(args.size ?? "256M") };
+  const spec: BlkSpec = { backing: threads > 0 ? shareBacking(backing) : backing, readonly: args.readonly, queues, queueSize, serial: args.serial };
+  let device;
+  try {
+    device = createDevice(spec);
+  } catch (e) {
+    process.stderr.write(`server.ts: ${args.image ? `cannot open ${args.image}: ` : ""}${(e as Error).message}\n`);
+    process.exit(1);
+  }
+  const pool: IoThread[] = [];
+  for (let i = 0; i < threads; i++) {
+    pool.push(new IoThread(`io${i}`, { module: new URL("./src/devices/blk.ts", import.meta.url).href, options: spec }, { logLevel: level }));
+  }
+  try {
+    await Promise.all(pool.map((t) => t.ready));
+  } catch (e) {
+    process.stderr.write(`server.ts: I/O thread failed to start: ${(e as Error).message}\n`);
+    process.exit(1);
+  }
   const socketPath = resolve(args.socket!);
-  const server = new VuServer({ socketPath, device, log, trace: args.trace });
+  const server = new VuServer({ socketPath, device, log, trace: args.trace, threads: pool, queueThread });
   try {
     server.start();
   } catch (e) {
     process.stderr.write(`server.ts: ${(e as Error).message}\n`);
     process.exit(1);
   }
-  const what = args.image ? `image ${args.image}` : args.null ? `null disk of ${backing.size} bytes` : `RAM disk of ${backing.size} bytes`;
+  const backingSize = backing.kind === "file" ? 0 : backing.size;
+  const what = args.image ? `image ${args.image}` : args.null ? `null disk of ${backingSize} bytes` : `RAM disk of ${backingSize} bytes`;
+  const where = threads === 0 ? "main loop" : `${threads} I/O thread${threads > 1 ? "s" : ""}`;
   process.stdout.write(
-    `bunvhost: vhost-user-blk (${what}${args.readonly ? ", read-only" : ""}, ${queues} queue${queues > 1 ? "s" : ""}) listening on ${socketPath}; ` +
+    `bunvhost: vhost-user-blk (${what}${args.readonly ? ", read-only" : ""}, ${queues} queue${queues > 1 ? "s" : ""} on ${where}) listening on ${socketPath}; ` +
       `attach with: qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem ` +
       `-chardev socket,id=vu0,path=${socketPath} -device vhost-user-blk-pci,chardev=vu0,num-queues=${queues}\n`,
   );
@@ -123,4 +159,4 @@ function main(): void {
   process.on("SIGTERM", () => stop("SIGTERM"));
 }
 
-if (import.meta.main) main();
+if (import.meta.main) await main();

@@ -21,6 +21,7 @@ import type { RingSizes, VirtQueue } from "../virtq/queue.ts";
 import type { Device, Request } from "./api.ts";
 import type { EventLoop } from "./loop.ts";
 import type { Logger } from "./log.ts";
+import type { RingCtl, RingState } from "./ring_ctl.ts";
 
 /** Request state, pooled per ring and reused (no allocation per request once warm). */
 class Slot implements Request {
@@ -42,7 +43,8 @@ export interface VringHost {
   inflightChanged(delta: number): void;
 }
 
-export class Vring {
+export class Vring implements RingCtl {
+  readonly where: string;
   num = 0;
   addr: VringAddr | null = null;
   kickFd = -1;
@@ -61,8 +63,17 @@ export class Vring {
   private idleWaiters: (() => void)[] = [];
   private processing = false;
 
-  constructor(readonly index: number, private readonly host: VringHost, private loop: EventLoop) {
+  constructor(readonly index: number, private readonly host: VringHost, private loop: EventLoop, where = "main") {
     this.q = new SplitQueue(index, host.mem);
+    this.where = where;
+  }
+
+  setEventIdx(on: boolean): void {
+    this.q.eventIdx = on;
+  }
+
+  setBase(num: number): void {
+    this.q.setBase(num);
   }
 
   /** Translates the ring addresses (front-end virtual) through guest memory and points the walker at them. */
@@ -263,6 +274,17 @@ export class Vring {
   /** Drops the views over guest memory (before it is unmapped). */
   detachRings(): void {
     this.q.detach();
+  }
+
+  async release(): Promise<RingState> {
+    await this.quiesce();
+    const st: RingState = {
+      num: this.num, addr: this.addr, base: this.q.getBase(), eventIdx: this.q.eventIdx, enabled: this.enabled,
+      started: this.started, kickFd: this.kickFd, callFd: this.callFd, errFd: this.errFd,
+    };
+    this.kickFd = this.callFd = this.errFd = -1;
+    this.reset();
+    return st;
   }
 
   /** Releases every fd and forgets all state (after idle). */

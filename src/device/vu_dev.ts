@@ -23,7 +23,9 @@ import { MAX_CONFIG_SIZE, Req, requestName, type Message } from "../protocol/mes
 import type { Device } from "./api.ts";
 import type { Logger } from "./log.ts";
 import type { EventLoop } from "./loop.ts";
-import { Vring } from "./vring.ts";
+import { Vring, type VringHost } from "./vring.ts";
+import { RemoteVring, type RingChannel } from "./remote_vring.ts";
+import type { RingCtl } from "./ring_ctl.ts";
 
 /** A well-formed request that the device does not honour: REPLY_ACK status 1, connection kept. */
 export class Refused extends Error {
@@ -47,11 +49,14 @@ export interface VuDevOptions {
   loop: EventLoop;
   /** Called once when a guest breaks a ring: the server ends the connection. */
   onBroken?: (e: VirtqError) => void;
+  /** I/O threads, and for each queue the index of the thread serving it (-1 or absent: the main loop). */
+  threads?: RingChannel[];
+  queueThread?: number[];
 }
 
 export class VuDev {
   readonly mem = new GuestMemory();
-  readonly vrings: Vring[];
+  readonly vrings: RingCtl[];
   readonly log: Logger;
   features = 0n;
   protocolFeatures = 0n;
@@ -63,12 +68,52 @@ export class VuDev {
 
   constructor(readonly device: Device, private readonly opts: VuDevOptions) {
     this.log = opts.log;
-    const host = {
+    this.host = {
       device, mem: this.mem, log: opts.log,
       broken: (e: VirtqError) => this.setBroken(e),
       inflightChanged: (d: number) => { this.inflight += d; },
     };
-    this.vrings = Array.from({ length: device.queues }, (_, i) => new Vring(i, host, opts.loop));
+    this.vrings = Array.from({ length: device.queues }, (_, i) => this.makeRing(i, opts.queueThread?.[i] ?? -1));
+  }
+
+  private readonly host: VringHost;
+
+  /** A ring on the main loop (thread -1) or on I/O thread `thread`. */
+  private makeRing(i: number, thread: number): RingCtl {
+    const ch = thread >= 0 ? this.opts.threads?.[thread] : undefined;
+    if (thread >= 0 && !ch) throw new RangeError(`queue ${i}: no I/O thread ${thread}`);
+    return ch ? new RemoteVring(i, ch, this.mem, (e) => this.setBroken(e)) : new Vring(i, this.host, this.opts.loop);
+  }
+
+  /** The I/O threads serving at least one ring. */
+  private channels(): RingChannel[] {
+    const set = new Set<RingChannel>();
+    for (const t of this.opts.threads ?? []) set.add(t);
+    return [...set];
+  }
+
+  /**
+   * Moves queue `i` to I/O thread `thread` (-1: the main loop), safely under
+   * load: the ring stops taking chains on its old loop, its in-flight
+   * requests complete there, then it continues on the new loop from exactly
+   * that index with the same fds.
+   */
+  async moveQueue(i: number, thread: number): Promise<void> {
+    const old = this.vrings[i];
+    if (!old) throw new RangeError(`moveQueue: no queue ${i}`);
+    const st = await old.release();
+    const v = this.makeRing(i, thread);
+    this.vrings[i] = v;
+    v.num = st.num;
+    v.addr = st.addr;
+    await v.setEventIdx(st.eventIdx);
+    await v.setBase(st.base);
+    await v.mapRings();
+    if (st.callFd >= 0) await v.setCall(st.callFd);
+    if (st.errFd >= 0) await v.setErr(st.errFd);
+    await v.setEnabled(st.enabled);
+    if (st.started) await v.setKick(st.kickFd);
+    this.log.info(`queue ${i} moved from ${old.where} to ${v.where} at base ${st.base}`);
   }
 
   /** Virtio features offered to the front-end. */
@@ -86,7 +131,7 @@ export class VuDev {
     this.opts.onBroken?.(e);
   }
 
-  private vring(m: Message, index: number): Vring {
+  private vring(m: Message, index: number): RingCtl {
     const v = this.vrings[index];
     if (!v) throw new ProtocolError(requestName(m.request), "index", `queue ${index} >= ${this.vrings.length} queues`);
     return v;
@@ -111,9 +156,9 @@ export class VuDev {
         this.featuresSet = true;
         const eventIdx = (f & bit(VIRTIO_RING_F_EVENT_IDX)) !== 0n;
         for (const v of this.vrings) {
-          v.q.eventIdx = eventIdx;
+          await v.setEventIdx(eventIdx);
           // Without PROTOCOL_FEATURES rings are enabled as soon as they start (spec: "Ring states").
-          if ((f & bit(VHOST_USER_F_PROTOCOL_FEATURES)) === 0n) v.setEnabled(true);
+          if ((f & bit(VHOST_USER_F_PROTOCOL_FEATURES)) === 0n) await v.setEnabled(true);
         }
         this.device.setFeatures?.(f);
         return null;
@@ -166,19 +211,19 @@ export class VuDev {
         await v.quiesce();
         v.addr = a;
         try {
-          v.mapRings();
+          await v.mapRings();
         } catch (e) {
           if (e instanceof GuestMemoryError) throw new ProtocolError("SET_VRING_ADDR", "addr", e.message);
           throw e;
         }
-        v.resume();
+        await v.resume();
         return null;
       }
       case R.SET_VRING_BASE: {
         const v = this.vring(m, m.state!.index);
         if (v.started) throw new ProtocolError("SET_VRING_BASE", "index", `queue ${v.index} is running`);
         try {
-          v.q.setBase(m.state!.num);
+          await v.setBase(m.state!.num);
         } catch (e) {
           throw new ProtocolError("SET_VRING_BASE", "num", (e as Error).message);
         }
@@ -194,7 +239,7 @@ export class VuDev {
       case R.SET_VRING_ERR: {
         const vf = m.vring!;
         const fd = vf.noFd ? -1 : m.fds[0]!;
-        let v: Vring;
+        let v: RingCtl;
         try {
           v = this.vring(m, vf.index);
         } catch (e) {
@@ -205,18 +250,18 @@ export class VuDev {
         if (m.request === R.SET_VRING_KICK) {
           if (fd >= 0) sys.setNonBlocking(fd);
           else this.log.warn(`queue ${v.index}: kick without fd (polling) is not supported; the ring runs on enable only`);
-          v.setKick(fd);
+          await v.setKick(fd);
         } else if (m.request === R.SET_VRING_CALL) {
-          v.setCall(fd);
+          await v.setCall(fd);
         } else {
-          v.setErr(fd);
+          await v.setErr(fd);
         }
         return null;
       }
       case R.SET_VRING_ENABLE: {
         const v = this.vring(m, m.state!.index);
         if (m.state!.num > 1) throw new ProtocolError("SET_VRING_ENABLE", "num", `${m.state!.num} is not 0 or 1`);
-        v.setEnabled(m.state!.num === 1);
+        await v.setEnabled(m.state!.num === 1);
         return null;
       }
       case R.GET_CONFIG: {
@@ -251,63 +296,80 @@ export class VuDev {
 
   /** Stops processing on every ring and waits for in-flight requests. */
   async quiesce(): Promise<void> {
-    for (const v of this.vrings) await v.quiesce();
+    await Promise.all(this.vrings.map((v) => v.quiesce()));
   }
 
-  private resume(): void {
+  /**
+   * Runs `change` on the memory table with every ring quiesced and no view
+   * of guest memory left in any thread (so unmapping is safe), then shares
+   * the new table with the I/O threads and resumes the rings.
+   */
+  private async memoryChange(change: () => void): Promise<void> {
+    await this.quiesce();
+    for (const v of this.vrings) await v.detachRings();
+    for (const ch of this.channels()) await ch.request({ op: "mem", regions: [] });
+    try {
+      change();
+    } finally {
+      const regions = this.mem.describe();
+      for (const ch of this.channels()) await ch.request({ op: "mem", regions });
+      await this.resume();
+    }
+  }
+
+  private async resume(): Promise<void> {
     for (const v of this.vrings) {
       try {
-        v.mapRings();
+        await v.mapRings();
       } catch (e) {
         if (!(e instanceof GuestMemoryError)) throw e;
         // The new table no longer holds this ring: keep it unmapped until SET_VRING_ADDR.
-        v.detachRings();
+        await v.detachRings();
         this.log.warn(`queue ${v.index}: rings not in the new memory table: ${e.message}`);
       }
-      v.resume();
+      await v.resume();
     }
+  }
+
+  private regionError(request: string, field: string, e: unknown): unknown {
+    if (e instanceof GuestMemoryError || (e instanceof Error && e.name === "ErrnoError")) {
+      return new ProtocolError(request, field, (e as Error).message);
+    }
+    return e;
   }
 
   private async setMemTable(m: Message): Promise<void> {
     const fds = m.fds;
     m.fds = [];
     try {
-      await this.quiesce();
-      for (const v of this.vrings) v.detachRings();
-      this.mem.clear();
-      try {
-        m.regions!.forEach((r, i) => this.mem.add(r, fds[i]!));
-      } catch (e) {
+      await this.memoryChange(() => {
         this.mem.clear();
-        if (e instanceof GuestMemoryError || (e instanceof Error && e.name === "ErrnoError")) {
-          throw new ProtocolError("SET_MEM_TABLE", "regions", (e as Error).message);
+        try {
+          m.regions!.forEach((r, i) => this.mem.add(r, fds[i]!));
+        } catch (e) {
+          this.mem.clear();
+          throw this.regionError("SET_MEM_TABLE", "regions", e);
         }
-        throw e;
-      }
+      });
     } finally {
       // The mappings keep the memory; the fds are not needed any more.
       for (const fd of fds) sys.closeQuiet(fd);
     }
-    this.resume();
   }
 
   private async addMemReg(m: Message): Promise<void> {
     const fd = m.fds[0]!;
     m.fds = [];
     try {
-      await this.quiesce();
-      for (const v of this.vrings) v.detachRings();
-      try {
-        this.mem.add(m.region!, fd, MAX_MEM_SLOTS);
-      } catch (e) {
-        if (e instanceof GuestMemoryError || (e instanceof Error && e.name === "ErrnoError")) {
-          throw new ProtocolError("ADD_MEM_REG", "region", (e as Error).message);
+      await this.memoryChange(() => {
+        try {
+          this.mem.add(m.region!, fd, MAX_MEM_SLOTS);
+        } catch (e) {
+          throw this.regionError("ADD_MEM_REG", "region", e);
         }
-        throw e;
-      }
+      });
     } finally {
       sys.closeQuiet(fd);
-      this.resume();
     }
   }
 
@@ -315,17 +377,17 @@ export class VuDev {
     for (const fd of m.fds) sys.closeQuiet(fd);
     m.fds = [];
     const r = m.region!;
-    await this.quiesce();
-    for (const v of this.vrings) v.detachRings();
-    const found = this.mem.remove(r.guestPhysAddr, r.memorySize, r.userAddr);
-    this.resume();
+    let found = false;
+    await this.memoryChange(() => {
+      found = this.mem.remove(r.guestPhysAddr, r.memorySize, r.userAddr);
+    });
     if (!found) throw new Refused(`REM_MEM_REG: no region at gpa 0x${r.guestPhysAddr.toString(16)} of ${r.memorySize} bytes`);
   }
 
   /** RESET_DEVICE / status 0: rings stopped and forgotten, memory kept. */
   private async resetDevice(): Promise<void> {
     await this.quiesce();
-    for (const v of this.vrings) v.reset();
+    for (const v of this.vrings) await v.reset();
     this.features = 0n;
     this.featuresSet = false;
     this.broken = null;
@@ -338,7 +400,7 @@ export class VuDev {
    */
   async reset(): Promise<void> {
     await this.resetDevice();
-    this.mem.clear();
+    await this.memoryChange(() => this.mem.clear());
     this.protocolFeatures = 0n;
     this.status = 0;
     this.owner = false;

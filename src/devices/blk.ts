@@ -8,8 +8,9 @@ import { ChainRangeError, VIRTIO_ID_BLOCK } from "../device/api.ts";
 import type { ChainReader, ChainWriter, Device, Request } from "../device/api.ts";
 import type { Backing } from "./blk_backing.ts";
 
-export { nullBacking, openFileBacking, ramBacking } from "./blk_backing.ts";
-export type { Backing } from "./blk_backing.ts";
+import { openBacking, type BackingSpec } from "./blk_backing.ts";
+export { nullBacking, openFileBacking, ramBacking, openBacking, shareBacking } from "./blk_backing.ts";
+export type { Backing, BackingSpec } from "./blk_backing.ts";
 
 // Feature bit numbers (§5.2.3).
 export const VIRTIO_BLK_F_SIZE_MAX = 1, VIRTIO_BLK_F_SEG_MAX = 2, VIRTIO_BLK_F_GEOMETRY = 4, VIRTIO_BLK_F_RO = 5,
@@ -223,4 +224,19 @@ export function createBlk(opts: BlkOptions): Device {
   }
   const id = new TextEncoder().encode(serial);
   return new Blk(opts.backing, opts.readonly === true || opts.backing.readonly, queues, queueSize, id, blockSize);
+}
+
+/** BlkOptions with the backing as plain data: what an I/O thread needs to build its own instance. */
+export interface BlkSpec extends Omit<BlkOptions, "backing"> {
+  backing: BackingSpec;
+}
+
+/**
+ * The device factory for threads: every thread that serves queues of this
+ * device calls it with the same spec (see shareBacking) and gets its own
+ * instance over the same disk.
+ * @example const dev = createDevice({ backing: { kind: "null", size: 1 << 30 }, queues: 2 });
+ */
+export function createDevice(spec: BlkSpec): Device {
+  return createBlk({ ...spec, backing: openBacking(spec.backing) });
 }

@@ -248,8 +248,8 @@ class ArrayRamBacking implements Backing {
   };
   private readonly toRam = (v: Uint8Array, off: number) => this.ram.set(v, this.at + off);
 
-  constructor(readonly size: number) {
-    this.ram = new Uint8Array(size);
+  constructor(readonly size: number, shared?: SharedArrayBuffer) {
+    this.ram = shared ? new Uint8Array(shared, 0, size) : new Uint8Array(size);
   }
   read(out: ChainWriter, pos: number, len: number): void {
     this.at = pos;
@@ -274,7 +274,11 @@ class MemfdRamBacking implements Backing {
   readonly readonly = false;
   readonly name = "ram";
   private fd: number;
-  constructor(readonly size: number) {
+  constructor(readonly size: number, fd = -1) {
+    if (fd >= 0) {
+      this.fd = sys.dup(fd);
+      return;
+    }
     this.fd = sys.memfdCreate("bunvhost-ram");
     try {
       sys.ftruncate(this.fd, size);
@@ -282,6 +286,10 @@ class MemfdRamBacking implements Backing {
       sys.closeQuiet(this.fd);
       throw e;
     }
+  }
+  /** The memfd, for another thread's backing over the same disk. */
+  get memfd(): number {
+    return this.fd;
   }
   read(out: ChainWriter, pos: number, len: number): void {
     const n = out.preadFrom(this.fd, pos, len);
@@ -322,6 +330,39 @@ export const RAM_ARRAY_MAX = 2 ** 32;
 export function ramBacking(size: number): Backing {
   checkSize("ram", size);
   return size <= RAM_ARRAY_MAX ? new ArrayRamBacking(size) : new MemfdRamBacking(size);
+}
+
+/**
+ * A backing as plain data, so that every thread serving the device can open
+ * its own Backing over the same disk: a file by path, RAM through a shared
+ * buffer or memfd (filled in by `shareBacking`), null by size.
+ */
+export type BackingSpec =
+  | { kind: "file"; path: string; readonly?: boolean; direct?: boolean }
+  | { kind: "ram"; size: number; shared?: SharedArrayBuffer; memfd?: number }
+  | { kind: "null"; size: number };
+
+/** Makes a RAM spec shareable between threads (allocates its memory once); other kinds are returned as they are. */
+export function shareBacking(spec: BackingSpec): BackingSpec {
+  if (spec.kind !== "ram" || spec.shared || spec.memfd !== undefined) return spec;
+  checkSize("ram", spec.size);
+  if (spec.size <= RAM_ARRAY_MAX) return { ...spec, shared: new SharedArrayBuffer(spec.size) };
+  return { ...spec, memfd: new MemfdRamBacking(spec.size).memfd };
+}
+
+/** Opens the Backing a spec describes (in the calling thread). */
+export function openBacking(spec: BackingSpec): Backing {
+  switch (spec.kind) {
+    case "file":
+      return openFileBacking(spec.path, { readonly: spec.readonly, direct: spec.direct });
+    case "null":
+      return nullBacking(spec.size);
+    case "ram":
+      checkSize("ram", spec.size);
+      if (spec.shared) return new ArrayRamBacking(spec.size, spec.shared);
+      if (spec.memfd !== undefined) return new MemfdRamBacking(spec.size, spec.memfd);
+      return ramBacking(spec.size);
+  }
 }
 
 class NullBacking implements Backing {

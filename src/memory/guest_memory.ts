@@ -10,7 +10,7 @@
  */
 import { GuestMemoryError } from "../errors.ts";
 import type { MemRegion } from "../protocol/messages.ts";
-import { DEFAULT_WINDOW_SIZE, MappedRegion, WINDOW_OVERLAP } from "./region.ts";
+import { DEFAULT_WINDOW_SIZE, MappedRegion, WINDOW_OVERLAP, type SharedRegion } from "./region.ts";
 import type { Pieces } from "./pieces.ts";
 
 /** A contiguous view of guest memory: `win[off .. off + len)`. */
@@ -63,7 +63,18 @@ export class GuestMemory {
     return true;
   }
 
-  /** Unmaps everything. */
+  /** The regions as plain data, for another thread's `borrow`. */
+  describe(): SharedRegion[] {
+    return this.regions.map((m) => m.describe());
+  }
+
+  /** Replaces this memory's regions by views of regions mapped by another thread. */
+  borrow(regions: readonly SharedRegion[]): void {
+    this.clear();
+    for (const d of regions) this.regions.push(MappedRegion.borrow(d, this.windowSize));
+  }
+
+  /** Unmaps everything (borrowed regions: drops the views only). */
   clear(): void {
     for (const m of this.regions) m.unmap();
     this.regions.length = 0;

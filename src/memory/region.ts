@@ -16,6 +16,9 @@ import type { MemRegion } from "../protocol/messages.ts";
 export const DEFAULT_WINDOW_SIZE = 1 << 30;
 export const WINDOW_OVERLAP = 4 << 20;
 
+/** A mapped region as passed between threads (plain data). */
+export interface SharedRegion { gpa: number; size: number; uva: number; mmapOffset: number; host: number }
+
 export class MappedRegion {
   /** Views over the mapping; window k starts at byte k * windowSize of the region. */
   readonly windows: Uint8Array[] = [];
@@ -25,6 +28,20 @@ export class MappedRegion {
   readonly gpaEnd: number;
   readonly uvaEnd: number;
   private mapped = true;
+
+  /** What another thread needs to view this region (the mapping stays owned here). */
+  describe(): SharedRegion {
+    return { gpa: this.gpa, size: this.size, uva: this.uva, mmapOffset: this.mmapOffset, host: this.host };
+  }
+
+  /**
+   * Views a region mapped by another thread of this process. The views are
+   * dropped by unmap(); the mapping itself belongs to the thread that made it,
+   * which unmaps only after every borrower dropped its views.
+   */
+  static borrow(d: SharedRegion, windowSize = DEFAULT_WINDOW_SIZE): MappedRegion {
+    return new MappedRegion(d.gpa, d.size, d.uva, d.mmapOffset, d.host, 0, 0, windowSize);
+  }
 
   private constructor(
     readonly gpa: number, readonly size: number, readonly uva: number, readonly mmapOffset: number,
@@ -84,6 +101,6 @@ export class MappedRegion {
     this.windows.length = 0;
     this.windows16.length = 0;
     this.windows32.length = 0;
-    sys.munmap(this.mapBase, this.mapLen);
+    if (this.mapLen > 0) sys.munmap(this.mapBase, this.mapLen);
   }
 }

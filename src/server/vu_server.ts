@@ -23,6 +23,7 @@ import { VuDev } from "../device/vu_dev.ts";
 import { Connection } from "./connection.ts";
 import { MainLoop } from "./event_loop.ts";
 import { ErrnoError } from "../../ffi/errno.ts";
+import type { IoThread } from "./io_thread.ts";
 
 export interface ServerOptions {
   socketPath: string;
@@ -32,6 +33,9 @@ export interface ServerOptions {
   trace?: boolean;
   /** Defaults to a new MainLoop (Bun's main thread). */
   loop?: EventLoop & { close?(): void; ref?(on: boolean): void };
+  /** I/O threads (started, `ready` awaited by the caller) and the thread of each queue (-1: main loop). */
+  threads?: IoThread[];
+  queueThread?: number[];
 }
 
 export class VuServer {
@@ -122,6 +126,8 @@ export class VuServer {
       log: this.log,
       loop: this.loop,
       onBroken: (e) => void conn.end(`device broken: ${e.message}`),
+      threads: this.opts.threads,
+      queueThread: this.opts.queueThread,
     });
     conn = new Connection(fd, dev, this.loop, this.log, this.opts.trace);
     this.conn = conn;
@@ -153,6 +159,7 @@ export class VuServer {
         // already gone
       }
       if (this.conn) await this.conn.end("server stopping");
+      for (const t of this.opts.threads ?? []) await t.close();
       this.loop.close?.();
     })());
   }

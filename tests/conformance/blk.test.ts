@@ -11,7 +11,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { backendKinds, scratchDir, type Backend } from "../support/backends.ts";
+import { backendKinds, bunvhostMainLoop, scratchDir, type Backend } from "../support/backends.ts";
 import {
   BlkDriver, FrontendError, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
   VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -52,7 +52,7 @@ function fillRandom(b: Uint8Array, next: () => number): Uint8Array {
 
 const same = (a: Uint8Array, b: Uint8Array) => a.length === b.length && Buffer.compare(a, b) === 0;
 
-describe.each(backendKinds)("vhost-user-blk conformance: $name", (kind) => {
+describe.each([...backendKinds, bunvhostMainLoop])("vhost-user-blk conformance: $label", (kind) => {
   const skip = kind.skipReason();
   const it = (name: string, fn: () => void | Promise<void>, timeoutMs = 15_000) =>
     test.skipIf(skip !== null)(skip === null ? name : `${name} [skipped: ${skip}]`, fn, timeoutMs);
@@ -61,7 +61,7 @@ describe.each(backendKinds)("vhost-user-blk conformance: $name", (kind) => {
   let image = "";
   let be: Backend | null = null;
   /** What the disk holds, as far as the tests know. */
-  let shadow = new Uint8Array(0);
+  let shadow: Uint8Array = new Uint8Array(0);
 
   beforeAll(async () => {
     if (skip !== null) return;

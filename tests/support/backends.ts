@@ -35,6 +35,8 @@ export interface Backend {
 
 export interface BackendKind {
   name: "bunvhost" | "qsd";
+  /** For test titles: the name plus how it runs. */
+  label: string;
   /** Why this back-end cannot run here, or null. */
   skipReason(): string | null;
   start(o: StartOptions): Promise<Backend>;
@@ -125,6 +127,7 @@ async function spawnBackend(
 
 const qsd: BackendKind = {
   name: "qsd",
+  label: "qsd",
   skipReason: () => (existsSync(QSD_PATH) ? null : `${QSD_PATH} is not installed`),
   async start(o) {
     const dir = scratchDir("bunvhost-qsd-");
@@ -154,6 +157,7 @@ const qsd: BackendKind = {
 
 const bunvhost: BackendKind = {
   name: "bunvhost",
+  label: "bunvhost",
   skipReason: () => (existsSync(join(REPO_ROOT, "server.ts")) ? null : "server.ts does not exist yet"),
   async start(o) {
     const dir = scratchDir("bunvhost-srv-");
@@ -181,3 +185,10 @@ const bunvhost: BackendKind = {
 };
 
 export const backendKinds: BackendKind[] = [bunvhost, qsd];
+
+/** bunvhost with its queues on Bun's main loop (--threads 0) instead of an I/O thread. */
+export const bunvhostMainLoop: BackendKind = {
+  ...bunvhost,
+  label: "bunvhost (main loop)",
+  start: (o) => bunvhost.start({ ...o, extraArgs: ["--threads", "0", ...(o.extraArgs ?? [])] }),
+};

@@ -1,0 +1,148 @@
+/// <reference lib="webworker" />
+/**
+ * The body of an I/O thread. It builds its own instance of the device (from
+ * the spec's module), its own views of the guest memory the main thread
+ * mapped, and one Vring per queue attached to it, and runs them on an
+ * EpollLoop. Commands arrive on a MessagePort, announced by an eventfd in the
+ * epoll set, and are executed strictly in order; each gets one reply.
+ */
+import { receiveMessageOnPort, workerData, type MessagePort } from "node:worker_threads";
+import * as sys from "../../ffi/sys.ts";
+import type { Device } from "../device/api.ts";
+import { stderrLogger, type Level } from "../device/log.ts";
+import type { RingCommand } from "../device/remote_vring.ts";
+import { Vring, type VringHost } from "../device/vring.ts";
+import { VirtqError } from "../errors.ts";
+import { GuestMemory } from "../memory/guest_memory.ts";
+import { EpollLoop } from "./epoll_loop.ts";
+
+interface Init {
+  port: MessagePort;
+  ctl: number;
+  name: string;
+  module: string;
+  options: unknown;
+  windowSize: number;
+  logLevel: Level;
+}
+
+const init = workerData as Init;
+const { port, ctl, name } = init;
+const log = stderrLogger(init.logLevel, `bunvhost[${name}]`);
+const mem = new GuestMemory(init.windowSize);
+const loop = new EpollLoop();
+const rings = new Map<number, Vring>();
+let device: Device;
+/** Commands received and not yet answered; requests in flight (only asynchronous ones outlive a round). */
+let commands = 0;
+let inflight = 0;
+loop.busy = () => (commands > 0 ? 1 : inflight > 0 ? 2 : 0);
+
+const host: VringHost = {
+  get device() { return device; },
+  mem, log,
+  broken: (e: VirtqError) => port.postMessage({ event: "broken", index: e.queue, code: e.code, at: e.index, message: e.message }),
+  inflightChanged: (d: number) => { inflight += d; },
+};
+
+function ring(index: number): Vring {
+  let v = rings.get(index);
+  if (!v) rings.set(index, (v = new Vring(index, host, loop, name)));
+  return v;
+}
+
+async function exec(c: RingCommand | { op: "exit" }): Promise<unknown> {
+  switch (c.op) {
+    case "mem":
+      for (const v of rings.values()) v.detachRings();
+      mem.borrow(c.regions);
+      return null;
+    case "map": {
+      const v = ring(c.index);
+      v.num = c.num;
+      v.addr = c.addr;
+      v.setEventIdx(c.eventIdx);
+      v.setBase(c.base);
+      v.mapRings();
+      return null;
+    }
+    case "base": return ring(c.index).setBase(c.base), null;
+    case "eventIdx": return ring(c.index).setEventIdx(c.on), null;
+    case "kick": return ring(c.index).setKick(c.fd), null;
+    case "call": return ring(c.index).setCall(c.fd), null;
+    case "err": return ring(c.index).setErr(c.fd), null;
+    case "enable": return ring(c.index).setEnabled(c.on), null;
+    case "stop": return ring(c.index).stop();
+    case "quiesce": return ring(c.index).quiesce();
+    case "resume": return ring(c.index).resume(), null;
+    case "detach": return ring(c.index).detachRings(), null;
+    case "reset": {
+      const v = rings.get(c.index);
+      if (v) {
+        await v.quiesce();
+        v.reset();
+        rings.delete(c.index);
+      }
+      return null;
+    }
+    case "release": {
+      const st = await ring(c.index).release();
+      rings.delete(c.index);
+      return st;
+    }
+    case "exit":
+      for (const v of rings.values()) {
+        await v.quiesce();
+        v.reset();
+      }
+      rings.clear();
+      mem.clear();
+      device?.close?.();
+      loop.stop();
+      return null;
+  }
+}
+
+// Commands run one after another, each awaited (stop and quiesce wait for in-flight requests).
+let chain: Promise<unknown> = Promise.resolve();
+/** Commands announced on the eventfd (one write each) but not yet received. */
+let announced = 0;
+const nap = new Int32Array(new SharedArrayBuffer(4));
+
+function onCtl(): void {
+  announced += sys.eventfdRead(ctl) ?? 0;
+  // The eventfd can wake us before the message itself lands on the port:
+  // the counter says how many are on their way, so wait for each (briefly).
+  let spins = 0;
+  while (announced > 0) {
+    const m = receiveMessageOnPort(port);
+    if (!m) {
+      if (++spins > 20000) throw new Error(`${name}: ${announced} command(s) announced but never delivered`);
+      Atomics.wait(nap, 0, 0, 0.05);
+      continue;
+    }
+    announced--;
+    const { id, cmd } = m.message as { id: number; cmd: RingCommand | { op: "exit" } };
+    commands++;
+    chain = chain.then(() => exec(cmd)).then(
+      (value) => { commands--; port.postMessage({ id, ok: true, value }); },
+      (e) => { commands--; port.postMessage({ id, ok: false, error: { name: e?.name, message: e?.message ?? String(e), code: e?.code, queue: e?.queue, at: e?.index } }); },
+    );
+  }
+}
+
+async function main(): Promise<void> {
+  const mod = await import(init.module);
+  device = mod.createDevice(init.options) as Device;
+  loop.watch(ctl, onCtl);
+  port.postMessage({ event: "ready" });
+  await loop.run();
+  loop.close();
+  port.postMessage({ event: "exited" });
+  port.close();
+}
+
+main().catch((e) => {
+  log.error(`I/O thread failed: ${e instanceof Error ? e.stack : e}`);
+  port.postMessage({ event: "failed", message: String(e) });
+});
