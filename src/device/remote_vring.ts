@@ -10,16 +10,18 @@ import { newSpan } from "../memory/guest_memory.ts";
 import type { SharedRegion } from "../memory/region.ts";
 import type { VringAddr } from "../protocol/messages.ts";
 import { SPLIT_RING_SIZES } from "../virtq/split.ts";
+import { PACKED_RING_SIZES } from "../virtq/packed.ts";
 import type { RingCtl, RingState } from "./ring_ctl.ts";
 
 /** Commands a ring thread understands (see src/server/io_thread_worker.ts). */
 export type RingCommand =
   | { op: "mem"; regions: SharedRegion[] }
-  | { op: "map"; index: number; num: number; addr: VringAddr; base: number; eventIdx: boolean }
+  | { op: "map"; index: number; num: number; addr: VringAddr; eventIdx: boolean }
   | { op: "kick" | "call" | "err"; index: number; fd: number }
   | { op: "enable"; index: number; on: boolean }
   | { op: "base"; index: number; base: number }
   | { op: "eventIdx"; index: number; on: boolean }
+  | { op: "layout"; index: number; packed: boolean }
   | { op: "stop" | "quiesce" | "resume" | "detach" | "reset" | "release"; index: number };
 
 /** The main thread's line to one I/O thread. */
@@ -36,6 +38,16 @@ export class RemoteVring implements RingCtl {
   private _started = false;
   private eventIdx = false;
   private base = 0;
+  private _packed = false;
+
+  get packed(): boolean {
+    return this._packed;
+  }
+
+  async setLayout(packed: boolean): Promise<void> {
+    this._packed = packed;
+    await this.ch.request({ op: "layout", index: this.index, packed });
+  }
 
   constructor(readonly index: number, private readonly ch: RingChannel, private readonly mem: GuestMemory,
     broken: (e: VirtqError) => void) {
@@ -56,7 +68,8 @@ export class RemoteVring implements RingCtl {
   }
 
   async setBase(num: number): Promise<void> {
-    if (num < 0 || num > 0xffff) throw new VirtqError("RING_ADDR", this.index, num, "split ring base above 65535");
+    const max = this._packed ? 0xffffffff : 0xffff;
+    if (num < 0 || num > max) throw new VirtqError("RING_ADDR", this.index, num, `ring base above ${max}`);
     this.base = num;
     await this.ch.request({ op: "base", index: this.index, base: num });
   }
@@ -82,11 +95,12 @@ export class RemoteVring implements RingCtl {
     const a = this.addr;
     if (a === null || this.num === 0) return;
     // Validate here (throws GuestMemoryError); the thread then translates the same addresses.
-    const s = SPLIT_RING_SIZES;
+    const s = this._packed ? PACKED_RING_SIZES : SPLIT_RING_SIZES;
     this.mem.uvaSpan(a.desc, s.desc(this.num), newSpan());
     this.mem.uvaSpan(a.avail, s.driver(this.num), newSpan());
     this.mem.uvaSpan(a.used, s.device(this.num), newSpan());
-    await this.ch.request({ op: "map", index: this.index, num: this.num, addr: a, base: this.base, eventIdx: this.eventIdx });
+    // No base here: the thread's ring keeps its own position (set by setBase, moved by requests).
+    await this.ch.request({ op: "map", index: this.index, num: this.num, addr: a, eventIdx: this.eventIdx });
   }
 
   async stop(): Promise<number> {
@@ -113,6 +127,7 @@ export class RemoteVring implements RingCtl {
     this.addr = null;
     this.base = 0;
     this.eventIdx = false;
+    this._packed = false;
     await this.ch.request({ op: "reset", index: this.index });
   }
 

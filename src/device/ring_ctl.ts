@@ -16,6 +16,7 @@ export interface RingState {
   addr: VringAddr | null;
   base: number;
   eventIdx: boolean;
+  packed: boolean;
   enabled: boolean;
   started: boolean;
   kickFd: number;
@@ -31,6 +32,9 @@ export interface RingCtl {
   addr: VringAddr | null;
   readonly started: boolean;
   setEventIdx(on: boolean): void | Promise<void>;
+  /** Split or packed ring (VIRTIO_F_RING_PACKED), chosen at SET_FEATURES. */
+  setLayout(packed: boolean): void | Promise<void>;
+  readonly packed: boolean;
   /** SET_VRING_BASE; throws VirtqError when out of range. */
   setBase(num: number): void | Promise<void>;
   setKick(fd: number): void | Promise<void>;

@@ -17,6 +17,7 @@ import { newSpan } from "../memory/guest_memory.ts";
 import type { VringAddr } from "../protocol/messages.ts";
 import { ChainRangeError, ChainReader, ChainWriter } from "../virtq/chain_io.ts";
 import { SplitQueue, SPLIT_RING_SIZES } from "../virtq/split.ts";
+import { PackedQueue, PACKED_RING_SIZES } from "../virtq/packed.ts";
 import type { RingSizes, VirtQueue } from "../virtq/queue.ts";
 import type { Device, Request } from "./api.ts";
 import type { EventLoop } from "./loop.ts";
@@ -70,6 +71,19 @@ export class Vring implements RingCtl {
 
   setEventIdx(on: boolean): void {
     this.q.eventIdx = on;
+  }
+
+  get packed(): boolean {
+    return this.q.layout === "packed";
+  }
+
+  setLayout(packed: boolean): void {
+    if (packed === this.packed) return;
+    const eventIdx = this.q.eventIdx;
+    this.q.detach();
+    this.q = packed ? new PackedQueue(this.index, this.host.mem) : new SplitQueue(this.index, this.host.mem);
+    this.q.eventIdx = eventIdx;
+    this.sizes = packed ? PACKED_RING_SIZES : SPLIT_RING_SIZES;
   }
 
   setBase(num: number): void {
@@ -279,7 +293,7 @@ export class Vring implements RingCtl {
   async release(): Promise<RingState> {
     await this.quiesce();
     const st: RingState = {
-      num: this.num, addr: this.addr, base: this.q.getBase(), eventIdx: this.q.eventIdx, enabled: this.enabled,
+      num: this.num, addr: this.addr, base: this.q.getBase(), eventIdx: this.q.eventIdx, packed: this.packed, enabled: this.enabled,
       started: this.started, kickFd: this.kickFd, callFd: this.callFd, errFd: this.errFd,
     };
     this.kickFd = this.callFd = this.errFd = -1;

@@ -17,8 +17,8 @@
 import * as sys from "../../ffi/sys.ts";
 import { GuestMemoryError, ProtocolError, type VirtqError } from "../errors.ts";
 import { GuestMemory } from "../memory/guest_memory.ts";
-import { bit, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-  VIRTIO_RING_F_INDIRECT_DESC } from "../protocol/features.ts";
+import { bit, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
+  VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from "../protocol/features.ts";
 import { MAX_CONFIG_SIZE, Req, requestName, type Message } from "../protocol/messages.ts";
 import type { Device } from "./api.ts";
 import type { Logger } from "./log.ts";
@@ -38,7 +38,7 @@ export const MAX_MEM_SLOTS = 509;
 /** Transport and ring features the framework provides for every device. */
 export const FRAMEWORK_FEATURES =
   bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VIRTIO_RING_F_INDIRECT_DESC) |
-  bit(VIRTIO_RING_F_EVENT_IDX);
+  bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_F_RING_PACKED);
 
 export const PROTOCOL_FEATURES =
   bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG) |
@@ -106,6 +106,7 @@ export class VuDev {
     this.vrings[i] = v;
     v.num = st.num;
     v.addr = st.addr;
+    await v.setLayout(st.packed);
     await v.setEventIdx(st.eventIdx);
     await v.setBase(st.base);
     await v.mapRings();
@@ -155,7 +156,12 @@ export class VuDev {
         this.features = f;
         this.featuresSet = true;
         const eventIdx = (f & bit(VIRTIO_RING_F_EVENT_IDX)) !== 0n;
+        const packed = (f & bit(VIRTIO_F_RING_PACKED)) !== 0n;
         for (const v of this.vrings) {
+          if (v.packed !== packed) {
+            if (v.started) throw new ProtocolError("SET_FEATURES", "features", `ring layout change while queue ${v.index} runs`);
+            await v.setLayout(packed);
+          }
           await v.setEventIdx(eventIdx);
           // Without PROTOCOL_FEATURES rings are enabled as soon as they start (spec: "Ring states").
           if ((f & bit(VHOST_USER_F_PROTOCOL_FEATURES)) === 0n) await v.setEnabled(true);
@@ -194,8 +200,9 @@ export class VuDev {
       case R.SET_VRING_NUM: {
         const v = this.vring(m, m.state!.index);
         const n = m.state!.num;
-        if (n === 0 || n > this.device.queueSize || (n & (n - 1)) !== 0) {
-          throw new ProtocolError("SET_VRING_NUM", "num", `${n} is not a power of 2 in 1..${this.device.queueSize}`);
+        // Packed rings may have any size (VIRTIO 1.2 §2.8.10.1); split rings a power of 2.
+        if (n === 0 || n > this.device.queueSize || (!v.packed && (n & (n - 1)) !== 0)) {
+          throw new ProtocolError("SET_VRING_NUM", "num", `${n} is not ${v.packed ? "in" : "a power of 2 in"} 1..${this.device.queueSize}`);
         }
         if (v.started) throw new ProtocolError("SET_VRING_NUM", "index", `queue ${v.index} is running`);
         v.num = n;
@@ -204,7 +211,7 @@ export class VuDev {
       case R.SET_VRING_ADDR: {
         const a = m.addr!;
         const v = this.vring(m, a.index);
-        if (a.desc % 16 || a.avail % 2 || a.used % 4) {
+        if (a.desc % 16 || a.avail % (v.packed ? 4 : 2) || a.used % 4) {
           throw new ProtocolError("SET_VRING_ADDR", "addr", `misaligned ring (desc 0x${a.desc.toString(16)}, avail 0x${a.avail.toString(16)}, used 0x${a.used.toString(16)})`);
         }
         if (v.num === 0) throw new ProtocolError("SET_VRING_ADDR", "index", `queue ${a.index} has no size (SET_VRING_NUM first)`);
