@@ -12,6 +12,7 @@ import { shareBacking, type BackingSpec } from "./src/devices/blk_backing.ts";
 import { stderrLogger, type Level } from "./src/device/log.ts";
 import { VuServer } from "./src/server/vu_server.ts";
 import { IoThread } from "./src/server/io_thread.ts";
+import { ControlSocket } from "./src/server/control.ts";
 
 const USAGE = `usage: bun run server.ts [options]
   --socket PATH        unix socket to listen on (default ./vhost-user-blk.sock)
@@ -24,6 +25,7 @@ const USAGE = `usage: bun run server.ts [options]
   --queue-size N       largest queue size accepted, a power of 2 (default 1024)
   --threads N          I/O threads serving the queues (default 1; 0: Bun's main loop)
   --queue-map LIST     explicit queue→thread map, e.g. 0:0,1:1,2:main (default: round robin)
+  --control PATH       line-based control socket: "stats", "move QUEUE THREAD|main"
   --serial ID          GET_ID string, at most 20 bytes (default "bunvhost")
   --trace              log every vhost-user message both ways
   --log-level LEVEL    debug, info, warn or error (default info)
@@ -70,7 +72,7 @@ async function main(): Promise<void> {
         readonly: { type: "boolean", default: false }, direct: { type: "boolean", default: false },
         queues: { type: "string", default: "1" }, "queue-size": { type: "string", default: "1024" },
         serial: { type: "string", default: "bunvhost" }, trace: { type: "boolean", default: false },
-        threads: { type: "string", default: "1" }, "queue-map": { type: "string" },
+        threads: { type: "string", default: "1" }, "queue-map": { type: "string" }, control: { type: "string" },
         "log-level": { type: "string", default: "info" }, help: { type: "boolean", short: "h", default: false },
       },
       strict: true,
@@ -131,8 +133,10 @@ async function main(): Promise<void> {
   }
   const socketPath = resolve(args.socket!);
   const server = new VuServer({ socketPath, device, log, trace: args.trace, threads: pool, queueThread });
+  let control: ControlSocket | null = null;
   try {
     server.start();
+    if (args.control) (control = new ControlSocket(resolve(args.control), server, log)).start();
   } catch (e) {
     process.stderr.write(`server.ts: ${(e as Error).message}\n`);
     process.exit(1);
@@ -150,6 +154,7 @@ async function main(): Promise<void> {
     if (stopping) return;
     stopping = true;
     log.info(`${sig}: stopping`);
+    control?.stop();
     void server.stop().then(() => {
       device.close?.();
       process.exit(0);

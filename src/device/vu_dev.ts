@@ -98,7 +98,20 @@ export class VuDev {
    * requests complete there, then it continues on the new loop from exactly
    * that index with the same fds.
    */
-  async moveQueue(i: number, thread: number): Promise<void> {
+  moveQueue(i: number, thread: number): Promise<void> {
+    return this.serial(() => this.move(i, thread));
+  }
+
+  /** Runs `f` after every message and move before it has finished (they all change ring state). */
+  private serial<T>(f: () => Promise<T>): Promise<T> {
+    const run = this.lock.then(f);
+    this.lock = run.then(() => {}, () => {});
+    return run;
+  }
+
+  private lock: Promise<void> = Promise.resolve();
+
+  private async move(i: number, thread: number): Promise<void> {
     const old = this.vrings[i];
     if (!old) throw new RangeError(`moveQueue: no queue ${i}`);
     const st = await old.release();
@@ -143,7 +156,11 @@ export class VuDev {
    * have one, or null. Fds in the message are owned by the device from here
    * on: kept (kick/call/err) or closed.
    */
-  async handle(m: Message): Promise<Message | null> {
+  handle(m: Message): Promise<Message | null> {
+    return this.serial(() => this.exec(m));
+  }
+
+  private async exec(m: Message): Promise<Message | null> {
     const R = Req;
     const reply = (fields: Partial<Message>): Message => ({ request: m.request, flags: 0, fds: [], ...fields });
     switch (m.request) {
@@ -405,6 +422,11 @@ export class VuDev {
    * RESET_OWNER and disconnect: everything back to the state of a new
    * connection; every mapping unmapped and every fd closed.
    */
+  /** reset() after any message or move in progress: for disconnects and server stop. */
+  teardown(): Promise<void> {
+    return this.serial(() => this.reset());
+  }
+
   async reset(): Promise<void> {
     await this.resetDevice();
     await this.memoryChange(() => this.mem.clear());

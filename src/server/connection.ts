@@ -155,7 +155,7 @@ export class Connection {
     this.pause();
     this.log.info(`front-end disconnected: ${reason} (${this.messages} messages)`);
     try {
-      await this.dev.reset();
+      await this.dev.teardown();
     } catch (e) {
       this.log.error(`teardown: ${e instanceof Error ? e.stack : e}`);
     }

@@ -139,6 +139,30 @@ export class VuServer {
     });
   }
 
+  /** Where each queue runs and how many front-ends were served. */
+  stats(): { connections: number; connected: boolean; queues: { index: number; where: string; started: boolean }[] } {
+    const dev = this.current;
+    const names = (t: number) => (t < 0 ? "main" : this.opts.threads?.[t]?.name ?? `thread ${t}`);
+    const queues = dev
+      ? dev.vrings.map((v) => ({ index: v.index, where: v.where, started: v.started }))
+      : Array.from({ length: this.opts.device.queues }, (_, i) => ({ index: i, where: names(this.opts.queueThread?.[i] ?? -1), started: false }));
+    return { connections: this.connections, connected: dev !== null, queues };
+  }
+
+  /**
+   * Moves queue `q` to I/O thread `thread` (-1: the main loop), for this
+   * front-end (safely, under load) and the following ones. Returns where it runs now.
+   */
+  async moveQueue(q: number, thread: number): Promise<string> {
+    if (!Number.isInteger(q) || q < 0 || q >= this.opts.device.queues) throw new RangeError(`no queue ${q}`);
+    if (thread >= (this.opts.threads?.length ?? 0)) throw new RangeError(`no I/O thread ${thread}`);
+    const map = (this.opts.queueThread ??= Array.from({ length: this.opts.device.queues }, () => -1));
+    map[q] = thread;
+    const dev = this.current;
+    if (dev) await dev.moveQueue(q, thread);
+    return thread < 0 ? "main" : this.opts.threads![thread]!.name;
+  }
+
   /** Resolves when the current front-end (if any) has gone. */
   async idle(): Promise<void> {
     while (this.conn) await this.conn.done;
