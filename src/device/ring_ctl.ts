@@ -10,6 +10,9 @@
  */
 import type { VringAddr } from "../protocol/messages.ts";
 
+/** One ring's area of the INFLIGHT_SHMFD buffer, mapped by the main thread (plain data, for any thread). */
+export interface InflightArea { host: number; size: number; queueSize: number }
+
 /** Everything needed to recreate a ring on another loop, exactly where it stopped. */
 export interface RingState {
   num: number;
@@ -22,6 +25,7 @@ export interface RingState {
   kickFd: number;
   callFd: number;
   errFd: number;
+  inflight: InflightArea | null;
 }
 
 export interface RingCtl {
@@ -32,6 +36,8 @@ export interface RingCtl {
   addr: VringAddr | null;
   readonly started: boolean;
   setEventIdx(on: boolean): void | Promise<void>;
+  /** INFLIGHT_SHMFD area for this ring (null: none); used from the next ring start. */
+  setInflight(a: InflightArea | null): void | Promise<void>;
   /** Split or packed ring (VIRTIO_F_RING_PACKED), chosen at SET_FEATURES. */
   setLayout(packed: boolean): void | Promise<void>;
   readonly packed: boolean;

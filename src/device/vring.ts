@@ -22,7 +22,9 @@ import type { RingSizes, VirtQueue } from "../virtq/queue.ts";
 import type { Device, Request } from "./api.ts";
 import type { EventLoop } from "./loop.ts";
 import type { Logger } from "./log.ts";
-import type { RingCtl, RingState } from "./ring_ctl.ts";
+import type { InflightArea, RingCtl, RingState } from "./ring_ctl.ts";
+import { SplitInflight } from "../virtq/inflight.ts";
+import { hostView } from "../memory/region.ts";
 
 /** Request state, pooled per ring and reused (no allocation per request once warm). */
 class Slot implements Request {
@@ -73,6 +75,28 @@ export class Vring implements RingCtl {
     this.q.eventIdx = on;
   }
 
+  private inflightArea: InflightArea | null = null;
+
+  /** INFLIGHT_SHMFD: this ring's area of the shared inflight buffer (null: none). Takes effect when the ring starts. */
+  setInflight(a: InflightArea | null): void {
+    this.inflightArea = a;
+    if (a === null && this.q instanceof SplitQueue) this.q.setInflight(null);
+  }
+
+  /** At ring start: attach the inflight area and resubmit what a previous back-end left in flight. */
+  private startInflight(): void {
+    const a = this.inflightArea;
+    if (a === null || !this.q.ready) return;
+    if (!(this.q instanceof SplitQueue)) {
+      this.host.log.warn(`queue ${this.index}: inflight tracking of packed rings is not implemented; a restart may lose requests`);
+      return;
+    }
+    if (this.num > a.queueSize) throw new VirtqError("RING_ADDR", this.index, this.num, `ring of ${this.num} > inflight queue size ${a.queueSize}`);
+    this.q.setInflight(new SplitInflight(hostView(a.host, a.size), this.num));
+    const n = this.q.startInflight();
+    if (n > 0) this.host.log.info(`queue ${this.index}: resubmitting ${n} request(s) left in flight by the previous back-end`);
+  }
+
   get packed(): boolean {
     return this.q.layout === "packed";
   }
@@ -109,7 +133,16 @@ export class Vring implements RingCtl {
     sys.closeQuiet(this.kickFd);
     this.kickFd = fd;
     // vhost-user: a ring starts when its kick fd arrives.
+    const wasStarted = this.started;
     this.started = true;
+    if (!wasStarted) {
+      try {
+        this.startInflight();
+      } catch (e) {
+        if (e instanceof VirtqError) return this.fail(e);
+        throw e;
+      }
+    }
     if (fd >= 0) this.watchId = this.loop.watch(fd, () => this.onKick());
     this.process();
   }
@@ -294,7 +327,7 @@ export class Vring implements RingCtl {
     await this.quiesce();
     const st: RingState = {
       num: this.num, addr: this.addr, base: this.q.getBase(), eventIdx: this.q.eventIdx, packed: this.packed, enabled: this.enabled,
-      started: this.started, kickFd: this.kickFd, callFd: this.callFd, errFd: this.errFd,
+      started: this.started, kickFd: this.kickFd, callFd: this.callFd, errFd: this.errFd, inflight: this.inflightArea,
     };
     this.kickFd = this.callFd = this.errFd = -1;
     this.reset();
@@ -316,5 +349,6 @@ export class Vring implements RingCtl {
     this.q = new SplitQueue(this.index, this.host.mem);
     this.sizes = SPLIT_RING_SIZES;
     this.busy.fill(0);
+    this.inflightArea = null;
   }
 }

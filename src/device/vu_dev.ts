@@ -26,6 +26,8 @@ import type { EventLoop } from "./loop.ts";
 import { Vring, type VringHost } from "./vring.ts";
 import { RemoteVring, type RingChannel } from "./remote_vring.ts";
 import type { RingCtl } from "./ring_ctl.ts";
+import { splitInflightQueueSize } from "../virtq/inflight.ts";
+import { MAP_SHARED, PROT_READ, PROT_WRITE } from "../../ffi/constants.ts";
 
 /** A well-formed request that the device does not honour: REPLY_ACK status 1, connection kept. */
 export class Refused extends Error {
@@ -42,7 +44,11 @@ export const FRAMEWORK_FEATURES =
 
 export const PROTOCOL_FEATURES =
   bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG) |
-  bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) | bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.STATUS);
+  bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) | bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.STATUS) |
+  bit(ProtocolFeature.INFLIGHT_SHMFD);
+
+/** Largest inflight buffer we map for a front-end (256 queues of 32768 entries fit). */
+const MAX_INFLIGHT_BYTES = 256 * splitInflightQueueSize(32768);
 
 export interface VuDevOptions {
   log: Logger;
@@ -120,6 +126,7 @@ export class VuDev {
     v.num = st.num;
     v.addr = st.addr;
     await v.setLayout(st.packed);
+    await v.setInflight(st.inflight);
     await v.setEventIdx(st.eventIdx);
     await v.setBase(st.base);
     await v.mapRings();
@@ -304,6 +311,11 @@ export class VuDev {
         this.device.setConfig(c.offset, c.data);
         return null;
       }
+      case R.GET_INFLIGHT_FD:
+        return this.getInflightFd(m);
+      case R.SET_INFLIGHT_FD:
+        await this.setInflightFd(m);
+        return null;
       case R.SET_STATUS:
         // Recorded only: QEMU 7.2 writes status 0 on stop *before* GET_VRING_BASE,
         // so treating 0 as a reset here would lose the ring indexes.
@@ -408,6 +420,63 @@ export class VuDev {
     if (!found) throw new Refused(`REM_MEM_REG: no region at gpa 0x${r.guestPhysAddr.toString(16)} of ${r.memorySize} bytes`);
   }
 
+  /** The INFLIGHT_SHMFD buffer mapped here (host address and length), shared with the rings. */
+  private inflightMap: { host: number; len: number } | null = null;
+
+  /**
+   * GET_INFLIGHT_FD: a zeroed buffer for `numQueues` areas of `queueSize`
+   * entries, in a memfd the front-end keeps across our restarts.
+   */
+  private getInflightFd(m: Message): Message {
+    const { numQueues, queueSize } = m.inflight!;
+    if (numQueues > 256 || queueSize > 32768) throw new ProtocolError("GET_INFLIGHT_FD", "inflight", `${numQueues} queues of ${queueSize}`);
+    const size = numQueues * splitInflightQueueSize(queueSize);
+    const fd = sys.memfdCreate("bunvhost-inflight");
+    try {
+      sys.ftruncate(fd, size);
+    } catch (e) {
+      sys.closeQuiet(fd);
+      throw e;
+    }
+    return { request: m.request, flags: 0, fds: [fd], inflight: { mmapSize: size, mmapOffset: 0, numQueues, queueSize } };
+  }
+
+  /** SET_INFLIGHT_FD: map the buffer (checked against its fd's size) and give each ring its area. */
+  private async setInflightFd(m: Message): Promise<void> {
+    const fd = m.fds[0]!;
+    m.fds = [];
+    try {
+      const { mmapSize, mmapOffset, numQueues, queueSize } = m.inflight!;
+      const stride = splitInflightQueueSize(queueSize);
+      if (numQueues * stride > mmapSize || mmapSize > MAX_INFLIGHT_BYTES || mmapOffset % 4096 !== 0) {
+        throw new ProtocolError("SET_INFLIGHT_FD", "inflight", `${numQueues} queues of ${queueSize} in ${mmapSize} bytes at offset ${mmapOffset}`);
+      }
+      const st = sys.fstat(fd);
+      if (!st.isRegular || st.size < mmapOffset + mmapSize) {
+        throw new ProtocolError("SET_INFLIGHT_FD", "fd", `holds ${st.size} bytes, needs ${mmapOffset} + ${mmapSize}`);
+      }
+      await this.dropInflight();
+      const host = sys.mmap(mmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, mmapOffset);
+      this.inflightMap = { host, len: mmapSize };
+      for (const v of this.vrings) {
+        await v.setInflight(v.index < numQueues ? { host: host + v.index * stride, size: stride, queueSize } : null);
+      }
+    } finally {
+      sys.closeQuiet(fd);
+    }
+  }
+
+  /** Detaches the inflight buffer from every ring (quiesced) and unmaps it. */
+  private async dropInflight(): Promise<void> {
+    const map = this.inflightMap;
+    if (!map) return;
+    await this.quiesce();
+    for (const v of this.vrings) await v.setInflight(null);
+    this.inflightMap = null;
+    sys.munmap(map.host, map.len);
+    for (const v of this.vrings) await v.resume();
+  }
+
   /** RESET_DEVICE / status 0: rings stopped and forgotten, memory kept. */
   private async resetDevice(): Promise<void> {
     await this.quiesce();
@@ -430,6 +499,7 @@ export class VuDev {
   async reset(): Promise<void> {
     await this.resetDevice();
     await this.memoryChange(() => this.mem.clear());
+    await this.dropInflight();
     this.protocolFeatures = 0n;
     this.status = 0;
     this.owner = false;

@@ -18,16 +18,29 @@
  * table, the data placed across a guest RAM region boundary, or the compact
  * layout (header and data in one descriptor; data and status in one).
  *
- * `submitRaw` makes any chain at all available (see SplitDriver.pushRaw) and
- * reports whether the device used it, timed out, or hung up.
+ * Ring layout. By default every queue is split (SplitDriver). With `packed`
+ * the driver negotiates VIRTIO_F_RING_PACKED and every queue is a
+ * PackedDriver; both implement VirtqDriver, so everything above is the same
+ * code for both. What differs is at set-up (SET_VRING_BASE carries the
+ * 32-bit packed encoding, SET_VRING_ADDR the descriptor ring and the two
+ * event suppression areas) and for hand-made chains: `submitRaw` makes any
+ * split chain available (see SplitDriver.pushRaw), `submitRawPacked` any
+ * packed one (PackedDriver.pushRaw); both report whether the device used it,
+ * timed out, or hung up.
  *
- * Spec: VIRTIO 1.2 §5.2 (Block Device), §2.7 (Split Virtqueues).
+ * Stop and resume: `getVringBase` stops a queue in the back-end; `poll`
+ * then reaps what it used, and a new BlkDriver with that `base` continues
+ * where the ring stopped (requests still in flight were never seen by the
+ * device: submit them again).
+ *
+ * Spec: VIRTIO 1.2 §5.2 (Block Device), §2.7 (Split Virtqueues), §2.8 (Packed Virtqueues).
  */
 import { VhostUserFrontend, FrontendError, type FrontendOptions } from "./client.ts";
 import { GuestRam, type GuestRamOptions } from "./guest_ram.ts";
-import { SplitDriver, type RawDesc } from "./split_driver.ts";
+import { SplitDriver, type RawDesc, type VirtqDriver } from "./split_driver.ts";
+import { PackedDriver, type PackedRawDesc } from "./packed_driver.ts";
 import {
-  bit, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+  bit, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
   VIRTIO_RING_F_INDIRECT_DESC,
 } from "../protocol/features.ts";
 
@@ -42,6 +55,12 @@ export const VIRTIO_BLK_S_OK = 0, VIRTIO_BLK_S_IOERR = 1, VIRTIO_BLK_S_UNSUPP = 
 export const VIRTIO_BLK_ID_BYTES = 20;
 export const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1;
 export const SECTOR_SIZE = 512;
+/**
+ * SET_VRING_BASE of a packed ring that never ran: position 0 and wrap
+ * counter 1 (§2.8.1) for both the avail half (bits 0-15) and the used half
+ * (bits 16-31), the vhost-user encoding.
+ */
+export const PACKED_FRESH_BASE = 0x80008000;
 
 /** Device bits the driver accepts by default: everything it knows how to use or ignore. */
 export const BLK_DRIVER_FEATURES = [
@@ -133,8 +152,13 @@ export interface ReqOpts {
 export interface BlkDriverOptions extends FrontendOptions {
   /** Queues to set up (default 1); more than 1 needs VIRTIO_BLK_F_MQ. */
   queues?: number;
-  /** Ring size (default 128). */
+  /** Ring size (default 128): a power of 2 for split rings, any of 1..32768 for packed ones. */
   queueSize?: number;
+  /**
+   * Use packed virtqueues (VIRTIO_F_RING_PACKED) for every queue (default
+   * false); fails with FrontendError NOT_OFFERED when the back-end does not offer them.
+   */
+  packed?: boolean;
   /** Request slots per queue (default min(queueSize, 32)). */
   depth?: number;
   /** Largest data length of a request, bytes (default 128 KiB). */
@@ -157,8 +181,13 @@ export interface BlkDriverOptions extends FrontendOptions {
   protocolFeatures?: bigint;
   /** Guest RAM layout (default: sized to fit, two swapped halves). */
   ram?: GuestRamOptions;
-  /** Initial ring index (SET_VRING_BASE), default 0. */
-  base?: number;
+  /**
+   * Initial ring state (SET_VRING_BASE), one value for every queue or one per
+   * queue. Split: the avail index, 0..65535 (default 0). Packed: the 32-bit
+   * vhost-user encoding (default PACKED_FRESH_BASE); both halves must be equal,
+   * since nothing can be in flight in a ring that starts.
+   */
+  base?: number | readonly number[];
   /** GET_CONFIG size in bytes (default 60: up to write_zeroes_may_unmap and its padding). */
   configSize?: number;
   /** Stop after GET_CONFIG (no SET_FEATURES, memory or rings); `start()` does the rest. */
@@ -168,10 +197,19 @@ export interface BlkDriverOptions extends FrontendOptions {
 /** What happened to a raw chain. */
 export interface RawResult {
   outcome: "used" | "timeout" | "disconnected";
+  /** The chain's head (split) or buffer id (packed). */
   head: number;
   usedLen: number;
   /** The byte at `statusGpa` afterwards, or -1 when none was given. */
   status: number;
+}
+
+/** Where and how long a hand-made chain runs. */
+export interface RawOpts {
+  queue?: number;
+  /** A status byte to set to 0xff first and read back afterwards. */
+  statusGpa?: number;
+  timeoutMs?: number;
 }
 
 const NO_OPTS: ReqOpts = {};
@@ -205,7 +243,10 @@ export class BlkDriver {
   queueNum = -1;
   config: BlkConfig | null = null;
   ram!: GuestRam;
-  readonly vqs: SplitDriver[] = [];
+  /** Packed virtqueues (the `packed` option); otherwise split. */
+  readonly packed: boolean;
+  /** One driver per queue: SplitDriver or PackedDriver instances (see `packed`). */
+  readonly vqs: VirtqDriver[] = [];
   /** Called for each finished request submitted with `enqueue`; the slot is freed when it returns. */
   onComplete: ((slot: number, status: number, usedLen: number) => void) | null = null;
   /** Status and used length of the last synchronous request. */
@@ -243,6 +284,7 @@ export class BlkDriver {
     this.maxIo = o.maxIo ?? 128 << 10;
     this.timeoutMs = o.timeoutMs ?? 5000;
     this.poison = o.poison ?? true;
+    this.packed = o.packed === true;
     if (this.maxIo % SECTOR_SIZE !== 0 || this.maxIo <= 0) throw new RangeError(`maxIo ${this.maxIo}: a positive multiple of 512`);
     this.negotiate();
     if (!o.negotiateOnly) this.start();
@@ -300,6 +342,12 @@ export class BlkDriver {
     let want = bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | (o.features ?? BLK_DRIVER_FEATURES);
     if (o.eventIdx !== false) want |= bit(VIRTIO_RING_F_EVENT_IDX);
     if (o.indirect !== false) want |= bit(VIRTIO_RING_F_INDIRECT_DESC);
+    if (this.packed) {
+      if ((this.deviceFeatures & bit(VIRTIO_F_RING_PACKED)) === 0n) {
+        throw new FrontendError("NOT_OFFERED", "VIRTIO_F_RING_PACKED", `the back-end offers 0x${this.deviceFeatures.toString(16)}, without bit ${VIRTIO_F_RING_PACKED}`);
+      }
+      want |= bit(VIRTIO_F_RING_PACKED);
+    }
     this.features = this.deviceFeatures & want;
     if (this.queues > 1) {
       const n = this.has(VIRTIO_BLK_F_MQ) ? this.config?.numQueues ?? 0 : 1;
@@ -311,6 +359,8 @@ export class BlkDriver {
       if (this.has(VIRTIO_BLK_F_SIZE_MAX)) this.sizeMax = this.config.sizeMax;
       if (this.has(VIRTIO_BLK_F_SEG_MAX)) this.segMax = this.config.segMax;
     }
+    const bases: number[] = [];
+    for (let q = 0; q < this.queues; q++) bases.push(this.baseOf(q));
     fe.setFeatures(this.features);
 
     const n = this.queueSize;
@@ -324,12 +374,15 @@ export class BlkDriver {
       this.allocSlots(slotBytes);
       fe.setMemTable(this.ram.memRegions(), this.ram.fileOrder.map(() => this.ram.fd));
       for (let q = 0; q < this.queues; q++) {
-        const vq = new SplitDriver(this.ram, {
-          size: n, index: q, eventIdx: this.has(VIRTIO_RING_F_EVENT_IDX), indirectMax, base: o.base, polling: o.polling,
-        });
+        const base = bases[q]!;
+        const ring = { size: n, index: q, eventIdx: this.has(VIRTIO_RING_F_EVENT_IDX), indirectMax, polling: o.polling };
+        // A packed driver starts both halves at one position | wrap (baseOf checked that they are equal).
+        const vq: VirtqDriver = this.packed ? new PackedDriver(this.ram, { ...ring, base: base & 0xffff }) : new SplitDriver(this.ram, { ...ring, base });
         this.vqs.push(vq);
         fe.setVringNum(q, n);
-        fe.setVringBase(q, (o.base ?? 0) & 0xffff);
+        fe.setVringBase(q, vq.vringBase);
+        // Packed: availGpa is the driver event suppression area and usedGpa the device one, where
+        // vhost-user (and QEMU) put them in SET_VRING_ADDR.
         fe.setVringAddr({
           index: q, flags: 0, desc: this.ram.uva(vq.descGpa), used: this.ram.uva(vq.usedGpa), avail: this.ram.uva(vq.availGpa), log: 0,
         });
@@ -343,6 +396,24 @@ export class BlkDriver {
       this.releaseMemory();
       throw e;
     }
+  }
+
+  /** The `base` option for queue `q`, checked for the layout. */
+  private baseOf(q: number): number {
+    const b = this.o.base;
+    const v = b === undefined ? undefined : typeof b === "number" ? b : b[q];
+    if (!this.packed) {
+      if (v === undefined) return 0;
+      if (!Number.isInteger(v) || v < 0 || v > 0xffff) throw new RangeError(`base ${v} of queue ${q}: a split ring index is 0..65535`);
+      return v;
+    }
+    if (v === undefined) return PACKED_FRESH_BASE;
+    if (!Number.isInteger(v) || v < 0 || v > 0xffffffff) throw new RangeError(`base ${v} of queue ${q}: a packed ring base is a u32`);
+    if ((v & 0xffff) !== v >>> 16) {
+      throw new RangeError(`base 0x${v.toString(16)} of queue ${q}: avail half 0x${(v & 0xffff).toString(16)} and used half 0x${(v >>> 16).toString(16)} differ (descriptors in flight cannot be resumed)`);
+    }
+    if ((v & 0x7fff) >= this.queueSize) throw new RangeError(`base 0x${v.toString(16)} of queue ${q}: position ${v & 0x7fff} past the ring size ${this.queueSize}`);
+    return v;
   }
 
   private allocSlots(slotBytes: number): void {
@@ -497,6 +568,11 @@ export class BlkDriver {
     return this.vqs[q]!.kick();
   }
 
+  /** Makes queue `q`'s new requests visible without notifying the device (it finds them when it next looks). */
+  publish(q = 0): void {
+    this.vqs[q]!.publish();
+  }
+
   private releaseSlot(slot: number): void {
     const q = Math.floor(slot / this.depth);
     this.slotState[slot] = SLOT_FREE;
@@ -555,6 +631,13 @@ export class BlkDriver {
         throw new FrontendError("DISCONNECTED", `queue ${q}`, "the back-end closed the connection with requests in flight");
       }
     }
+  }
+
+  /** Reaps what queue `q` has finished without blocking; returns how many. */
+  poll(q = 0): number {
+    let n = 0;
+    while (this.reapOne(q)) n++;
+    return n;
   }
 
   /** Waits until nothing is in flight on `q`. */
@@ -668,13 +751,31 @@ export class BlkDriver {
   }
 
   /**
-   * Makes a hand-made chain available on `o.queue` (see SplitDriver.pushRaw),
+   * Makes a hand-made chain available on split queue `o.queue` (see
+   * SplitDriver.pushRaw), kicks, and waits for the device to use it, time
+   * out, or hang up.
+   */
+  submitRaw(descs: RawDesc[], o: RawOpts & { availEntry?: number } = {}): RawResult {
+    const q = o.queue ?? 0;
+    const vq = this.vqs[q];
+    if (!(vq instanceof SplitDriver)) throw new RangeError(`queue ${q} is ${vq ? "packed: use submitRawPacked" : "not set up"}`);
+    return this.runRaw(q, vq.pushRaw(descs, o.availEntry), o);
+  }
+
+  /**
+   * Makes a hand-made chain available on packed queue `o.queue` (see
+   * PackedDriver.pushRaw: any flags, ids, stale avail bits, nested tables),
    * kicks, and waits for the device to use it, time out, or hang up.
    */
-  submitRaw(descs: RawDesc[], o: { queue?: number; availEntry?: number; statusGpa?: number; timeoutMs?: number } = {}): RawResult {
+  submitRawPacked(descs: PackedRawDesc[], o: RawOpts = {}): RawResult {
     const q = o.queue ?? 0;
+    const vq = this.vqs[q];
+    if (!(vq instanceof PackedDriver)) throw new RangeError(`queue ${q} is ${vq ? "split: use submitRaw" : "not set up"}`);
+    return this.runRaw(q, vq.pushRaw(descs), o);
+  }
+
+  private runRaw(q: number, head: number, o: RawOpts): RawResult {
     const vq = this.vqs[q]!;
-    const head = vq.pushRaw(descs, o.availEntry);
     this.headSlot[q * this.queueSize + head] = RAW_HEAD;
     if (o.statusGpa !== undefined) this.ram.fill(o.statusGpa, 1, 0xff);
     const key = q * 65536 + head;
@@ -700,7 +801,11 @@ export class BlkDriver {
     }
   }
 
-  /** GET_VRING_BASE: stops queue `q` in the back-end and returns its next avail index. */
+  /**
+   * GET_VRING_BASE: stops queue `q` in the back-end and returns its state:
+   * split, its next avail index; packed, the 32-bit encoding of its positions
+   * and wrap counters (see PACKED_FRESH_BASE).
+   */
   getVringBase(q = 0): number {
     return this.fe.getVringBase(q);
   }

@@ -38,7 +38,7 @@ import * as sys from "../../ffi/sys.ts";
 import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN, EPOLLRDHUP, POLLIN } from "../../ffi/constants.ts";
 import { FrontendError } from "./client.ts";
 import type { GuestRam } from "./guest_ram.ts";
-import type { WaitResult } from "./split_driver.ts";
+import type { VirtqDriver, WaitResult } from "./split_driver.ts";
 
 // Our own copies of the spec constants (§2.8): the driver shares no code with the device it tests.
 export const VIRTQ_DESC_F_NEXT = 1;
@@ -144,7 +144,7 @@ const now = () => performance.now();
  * vq.kick();
  * while (vq.wait(1000) === "used" && vq.reap()) console.log(vq.usedId, vq.usedLen);
  */
-export class PackedDriver {
+export class PackedDriver implements VirtqDriver {
   readonly size: number;
   readonly index: number;
   readonly eventIdx: boolean;

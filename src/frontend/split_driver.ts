@@ -95,9 +95,59 @@ export interface SplitDriverOptions {
 /** What `wait` saw: a used element, the deadline, or activity on the watched socket. */
 export type WaitResult = "used" | "timeout" | "socket";
 
+/**
+ * The driver side of one virtqueue, whatever its layout: what BlkDriver
+ * uses, implemented by SplitDriver (§2.7) and PackedDriver (§2.8). Heads of
+ * split chains and buffer ids of packed ones are both below `size` and come
+ * back in `usedId`.
+ * @example
+ * const vq: VirtqDriver = packed ? new PackedDriver(ram, { size: 100 }) : new SplitDriver(ram, { size: 128 });
+ * vq.begin(); vq.add(hdr, 16, false); vq.add(status, 1, true); vq.commit(); vq.kick();
+ * while (vq.wait(1000) === "used" && vq.reap()) console.log(vq.usedId, vq.usedLen);
+ */
+export interface VirtqDriver {
+  readonly size: number;
+  readonly index: number;
+  readonly eventIdx: boolean;
+  readonly polling: boolean;
+  readonly indirectMax: number;
+  /** SET_VRING_ADDR desc, avail (split: avail ring; packed: driver area), used (split: used ring; packed: device area). */
+  readonly descGpa: number;
+  readonly availGpa: number;
+  readonly usedGpa: number;
+  readonly kickFd: number;
+  readonly callFd: number;
+  readonly usedId: number;
+  readonly usedLen: number;
+  readonly kicks: number;
+  readonly calls: number;
+  /** Free descriptors (split: table entries; packed: ring positions). */
+  readonly numFree: number;
+  /** Split: the free-running u16 avail index; packed: position | wrap counter << 15. */
+  readonly availIndex: number;
+  /** Split: the next used index to reap (u16); packed: position | wrap counter << 15. */
+  readonly lastUsedIndex: number;
+  /** The SET_VRING_BASE `num` for this driver's state (equal to GET_VRING_BASE once all made available was used and reaped). */
+  readonly vringBase: number;
+  /** Chains made available and not yet reaped. */
+  readonly inFlight: number;
+  tableGpa(i: number): number;
+  canAdd(n: number, indirect?: boolean): boolean;
+  begin(indirect?: boolean): void;
+  add(gpa: number, len: number, writable: boolean): void;
+  abort(): void;
+  commit(): number;
+  publish(): void;
+  kick(force?: boolean): boolean;
+  pending(): number;
+  reap(): boolean;
+  wait(timeoutMs: number, watchFd?: number): WaitResult;
+  close(): void;
+}
+
 const now = () => performance.now();
 
-export class SplitDriver {
+export class SplitDriver implements VirtqDriver {
   readonly size: number;
   readonly index: number;
   readonly eventIdx: boolean;
@@ -218,6 +268,15 @@ export class SplitDriver {
   /** Next used index the driver will reap. */
   get lastUsedIndex(): number {
     return this.lastUsed;
+  }
+
+  /**
+   * The SET_VRING_BASE `num` matching this driver's state: the avail index,
+   * which is the device's GET_VRING_BASE (its next avail index) once every
+   * chain made available was used.
+   */
+  get vringBase(): number {
+    return this.availIdx;
   }
 
   /** Chains made available and not yet reaped. */

@@ -16,6 +16,11 @@ import type { MemRegion } from "../protocol/messages.ts";
 export const DEFAULT_WINDOW_SIZE = 1 << 30;
 export const WINDOW_OVERLAP = 4 << 20;
 
+/** A view of `len` bytes at host address `host` (memory mapped by this process, e.g. the inflight buffer). */
+export function hostView(host: number, len: number): Uint8Array {
+  return new Uint8Array(toArrayBuffer(host as any, 0, len));
+}
+
 /** A mapped region as passed between threads (plain data). */
 export interface SharedRegion { gpa: number; size: number; uva: number; mmapOffset: number; host: number }
 

@@ -108,7 +108,14 @@ export class Connection {
     }
     if (this.closed) return;
     try {
-      if (reply) this.send(reply);
+      if (reply) {
+        try {
+          this.send(reply);
+        } finally {
+          // fds sent with a reply were duplicated into the front-end; ours are not needed.
+          for (const f of reply.fds) sys.closeQuiet(f);
+        }
+      }
       else if (needReply) this.send({ request: m.request, flags: 0, fds: [], u64: status });
     } catch (e) {
       this.fail(e);

@@ -18,6 +18,7 @@ import type { GuestMemory, Span } from "../memory/guest_memory.ts";
 import { newSpan } from "../memory/guest_memory.ts";
 import { Pieces } from "../memory/pieces.ts";
 import type { RingSizes, VirtQueue } from "./queue.ts";
+import type { SplitInflight } from "./inflight.ts";
 
 export const VRING_DESC_F_NEXT = 1;
 export const VRING_DESC_F_WRITE = 2;
@@ -62,6 +63,10 @@ export class SplitQueue implements VirtQueue {
   private signalledValid = false;
   private readonly span: Span = newSpan();
   private bounce: Uint32Array = new Uint32Array(0);
+  /** INFLIGHT_SHMFD tracking, and the chains a previous back-end left in flight (taken first). */
+  private inflight: SplitInflight | null = null;
+  private resubmit: number[] = [];
+  private resubmitPos = 0;
 
   constructor(readonly index: number, private readonly mem: GuestMemory) {}
 
@@ -134,6 +139,14 @@ export class SplitQueue implements VirtQueue {
    * (device-readable) and `w` (device-writable), both reset first.
    */
   take(head: number, r: Pieces, w: Pieces): void {
+    this.walk(head, r, w);
+    this.lastAvail = (this.lastAvail + 1) & 0xffff;
+    // Marked before the device sees the chain (inflight tracking).
+    this.inflight?.taken(head);
+  }
+
+  /** Walks the chain at `head` into `r` and `w` (both reset first). */
+  private walk(head: number, r: Pieces, w: Pieces): void {
     r.reset();
     w.reset();
     let t16 = this.d16, t32 = this.d32, base = this.dBase;
@@ -180,7 +193,6 @@ export class SplitQueue implements VirtQueue {
       if (next >= tableSize) this.fail("NEXT_RANGE", i, `next ${next} >= ${tableSize}`);
       i = next;
     }
-    this.lastAvail = (this.lastAvail + 1) & 0xffff;
   }
 
   /** A view of an indirect table; copied to a bounce buffer when not 4-aligned or not contiguous. */
@@ -209,9 +221,42 @@ export class SplitQueue implements VirtQueue {
   }
 
   pop(r: Pieces, w: Pieces): number {
+    if (this.resubmitPos < this.resubmit.length) {
+      const head = this.resubmit[this.resubmitPos++]!;
+      this.walk(head, r, w);
+      return head;
+    }
     const head = this.peekHead();
     if (head >= 0) this.take(head, r, w);
     return head;
+  }
+
+  /** Tracks in-flight chains in `log` (null: stop tracking). */
+  setInflight(log: SplitInflight | null): void {
+    this.inflight = log;
+    this.resubmit = [];
+    this.resubmitPos = 0;
+  }
+
+  /**
+   * The ring starts: with a fresh inflight area, begin tracking; with one a
+   * previous back-end filled, queue its in-flight chains for resubmission (in
+   * the order they were taken) and continue the avail ring after them:
+   * chains taken = chains used + chains in flight.
+   */
+  startInflight(): number {
+    const log = this.inflight;
+    if (log === null || !this.ready) return 0;
+    if (log.version === 0) {
+      log.init(this.usedIdx);
+      this.resubmit = [];
+    } else {
+      this.resubmit = log.recover(this.usedIdx);
+      for (const h of this.resubmit) if (h >= this.size) this.fail("HEAD_RANGE", h, "in-flight head past the ring");
+      this.lastAvail = (this.usedIdx + this.resubmit.length) & 0xffff;
+    }
+    this.resubmitPos = 0;
+    return this.resubmit.length;
   }
 
   getBase(): number {
@@ -230,6 +275,7 @@ export class SplitQueue implements VirtQueue {
     this.u32[e] = head;
     this.u32[e + 1] = len >>> 0;
     this.usedIdx = (this.usedIdx + 1) & 0xffff;
+    this.inflight?.pushed(head);
   }
 
   /**
@@ -241,6 +287,8 @@ export class SplitQueue implements VirtQueue {
   flush(): boolean {
     const newIdx = this.usedIdx;
     Atomics.store(this.u16, this.uBase16 + 1, newIdx);
+    // Only now is the batch out of flight (the driver can see it).
+    this.inflight?.published(newIdx);
     if (this.eventIdx) {
       // Store-load ordering between used.idx and used_event: both SC atomics.
       const old = this.signalledUsed;
