@@ -1,13 +1,15 @@
 #!/usr/bin/env bun
 /**
  * Installs what the test suite needs beyond npm packages: QEMU (for
- * qemu-storage-daemon, the reference back-end, and qemu-system-x86_64).
+ * qemu-storage-daemon, the reference back-end, and qemu-system-x86_64), and
+ * for the Linux guest tests Debian's kernel, busybox-static, cpio and xz.
  * Uses apt-get when running as root on Debian; otherwise says what is
  * missing (the tests that need it then skip with a one-line reason).
  *
  *   bun scripts/setup_tests.ts
  */
 import { $, which } from "zx";
+import { existsSync, readdirSync } from "node:fs";
 
 $.verbose = true;
 
@@ -15,11 +17,17 @@ const needed: Record<string, string> = {
   "qemu-storage-daemon": "qemu-system-x86",
   "qemu-system-x86_64": "qemu-system-x86",
   "qemu-img": "qemu-utils",
+  cpio: "cpio",
+  xz: "xz-utils",
 };
 
 const missing = new Set<string>();
 for (const [tool, pkg] of Object.entries(needed)) {
   if (!(await which(tool, { nothrow: true }))) missing.add(pkg);
+}
+if (!existsSync("/bin/busybox")) missing.add("busybox-static");
+if (!(readdirSync("/boot", { withFileTypes: true }) as { name: string }[]).some((e) => e.name.startsWith("vmlinuz-"))) {
+  missing.add("linux-image-amd64");
 }
 
 if (missing.size === 0) {
