@@ -171,6 +171,32 @@ const cases: Case[] = [
     run: (fe) => fe.sendRaw(encode(msg(Req.SET_VRING_CALL, { vring: { index: 0, noFd: false } }))),
   },
   {
+    name: "SET_INFLIGHT_FD with a buffer smaller than it claims (would SIGBUS)", log: /SET_INFLIGHT_FD.*fd/,
+    run: (fe) => {
+      const fd = sys.memfdCreate("small-inflight");
+      sys.ftruncate(fd, 4096);
+      fe.sendRaw(encode(msg(Req.SET_INFLIGHT_FD, { inflight: { mmapSize: 1 << 20, mmapOffset: 0, numQueues: 1, queueSize: 128 } })), [fd]);
+      sys.close(fd);
+    },
+  },
+  {
+    name: "SET_INFLIGHT_FD whose size cannot hold its queues", log: /SET_INFLIGHT_FD.*inflight/,
+    run: (fe) => {
+      const fd = sys.memfdCreate("short-inflight");
+      sys.ftruncate(fd, 1 << 20);
+      fe.sendRaw(encode(msg(Req.SET_INFLIGHT_FD, { inflight: { mmapSize: 4096, mmapOffset: 0, numQueues: 4, queueSize: 1024 } })), [fd]);
+      sys.close(fd);
+    },
+  },
+  {
+    name: "SET_INFLIGHT_FD with an eventfd instead of a memory fd", log: /SET_INFLIGHT_FD.*fd/,
+    run: (fe) => {
+      const fd = efd();
+      fe.sendRaw(encode(msg(Req.SET_INFLIGHT_FD, { inflight: { mmapSize: 4096, mmapOffset: 0, numQueues: 1, queueSize: 128 } })), [fd]);
+      sys.close(fd);
+    },
+  },
+  {
     name: "a message cut short by a disconnect, with fds attached", log: /disconnected/,
     run: (fe) => {
       const m = encode(msg(Req.SET_VRING_KICK, { vring: { index: 0, noFd: false } }));
