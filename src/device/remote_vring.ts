@@ -11,7 +11,7 @@ import type { SharedRegion } from "../memory/region.ts";
 import type { VringAddr } from "../protocol/messages.ts";
 import { SPLIT_RING_SIZES } from "../virtq/split.ts";
 import { PACKED_RING_SIZES } from "../virtq/packed.ts";
-import type { InflightArea, RingCtl, RingState } from "./ring_ctl.ts";
+import type { InflightArea, LogArea, RingCtl, RingState } from "./ring_ctl.ts";
 
 /** Commands a ring thread understands (see src/server/io_thread_worker.ts). */
 export type RingCommand =
@@ -23,6 +23,7 @@ export type RingCommand =
   | { op: "eventIdx"; index: number; on: boolean }
   | { op: "layout"; index: number; packed: boolean }
   | { op: "inflight"; index: number; area: InflightArea | null }
+  | { op: "log"; index: number; area: LogArea | null }
   | { op: "stop" | "quiesce" | "resume" | "detach" | "reset" | "release"; index: number };
 
 /** The main thread's line to one I/O thread. */
@@ -43,6 +44,10 @@ export class RemoteVring implements RingCtl {
 
   get packed(): boolean {
     return this._packed;
+  }
+
+  async setLog(area: LogArea | null): Promise<void> {
+    await this.ch.request({ op: "log", index: this.index, area });
   }
 
   async setInflight(area: InflightArea | null): Promise<void> {

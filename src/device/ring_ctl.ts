@@ -13,6 +13,9 @@ import type { VringAddr } from "../protocol/messages.ts";
 /** One ring's area of the INFLIGHT_SHMFD buffer, mapped by the main thread (plain data, for any thread). */
 export interface InflightArea { host: number; size: number; queueSize: number }
 
+/** The dirty log bitmap (SET_LOG_BASE), mapped by the main thread; null while logging is off. */
+export interface LogArea { host: number; size: number }
+
 /** Everything needed to recreate a ring on another loop, exactly where it stopped. */
 export interface RingState {
   num: number;
@@ -26,6 +29,7 @@ export interface RingState {
   callFd: number;
   errFd: number;
   inflight: InflightArea | null;
+  log: LogArea | null;
 }
 
 export interface RingCtl {
@@ -38,6 +42,8 @@ export interface RingCtl {
   setEventIdx(on: boolean): void | Promise<void>;
   /** INFLIGHT_SHMFD area for this ring (null: none); used from the next ring start. */
   setInflight(a: InflightArea | null): void | Promise<void>;
+  /** Dirty logging for live migration: mark every guest page this ring writes (null: off). */
+  setLog(a: LogArea | null): void | Promise<void>;
   /** Split or packed ring (VIRTIO_F_RING_PACKED), chosen at SET_FEATURES. */
   setLayout(packed: boolean): void | Promise<void>;
   readonly packed: boolean;

@@ -22,7 +22,8 @@ import type { RingSizes, VirtQueue } from "../virtq/queue.ts";
 import type { Device, Request } from "./api.ts";
 import type { EventLoop } from "./loop.ts";
 import type { Logger } from "./log.ts";
-import type { InflightArea, RingCtl, RingState } from "./ring_ctl.ts";
+import type { InflightArea, LogArea, RingCtl, RingState } from "./ring_ctl.ts";
+import { DirtyLog } from "../virtq/dirty_log.ts";
 import { SplitInflight } from "../virtq/inflight.ts";
 import { hostView } from "../memory/region.ts";
 
@@ -76,6 +77,28 @@ export class Vring implements RingCtl {
   }
 
   private inflightArea: InflightArea | null = null;
+  private logArea: LogArea | null = null;
+  private dirty: DirtyLog | null = null;
+  /** Guest physical range the device writes in the ring itself (split: used ring; packed: descriptor ring). */
+  private ringGpa = -1;
+  private ringLen = 0;
+
+  setLog(a: LogArea | null): void {
+    this.logArea = a;
+    this.dirty = a ? new DirtyLog(hostView(a.host, a.size)) : null;
+  }
+
+  /** Marks the pages of the bytes a completed request wrote (out.pos bytes of its writable pieces). */
+  private logWrites(slot: Slot): void {
+    const d = this.dirty!;
+    const p = slot.wp;
+    let left = slot.out.pos;
+    for (let i = 0; i < p.count && left > 0; i++) {
+      const n = Math.min(left, p.len[i]!);
+      d.mark(p.gpa[i]!, n);
+      left -= n;
+    }
+  }
 
   /** INFLIGHT_SHMFD: this ring's area of the shared inflight buffer (null: none). Takes effect when the ring starts. */
   setInflight(a: InflightArea | null): void {
@@ -123,6 +146,9 @@ export class Vring implements RingCtl {
     const av = mem.uvaSpan(a.avail, this.sizes.driver(this.num), newSpan());
     const u = mem.uvaSpan(a.used, this.sizes.device(this.num), newSpan());
     const base = this.q.getBase();
+    const packed = this.q.layout === "packed";
+    this.ringGpa = mem.uvaToGpa(packed ? a.desc : a.used);
+    this.ringLen = packed ? this.sizes.desc(this.num) : this.sizes.device(this.num);
     this.q.setRings(this.num, d, av, u);
     this.q.setBase(base);
     if (this.busy.length !== this.num) this.busy = new Uint8Array(this.num);
@@ -249,6 +275,7 @@ export class Vring implements RingCtl {
   }
 
   private complete(slot: Slot): void {
+    if (this.dirty !== null) this.logWrites(slot);
     this.busy[slot.head] = 0;
     if (this.q.ready) this.q.push(slot.head, slot.out.pos);
     this.free.push(slot);
@@ -275,7 +302,11 @@ export class Vring implements RingCtl {
   /** Publishes the used ring and signals the call eventfd if the driver wants it. */
   flush(): void {
     if (!this.q.ready) return;
-    if (this.q.flush() && this.callFd >= 0) sys.eventfdWrite(this.callFd);
+    const notify = this.q.flush();
+    // Marked after the ring writes, never before: a page whose bit QEMU fetched and
+    // cleared before our write would otherwise be migrated without it.
+    if (this.dirty !== null) this.dirty.mark(this.ringGpa, this.ringLen);
+    if (notify && this.callFd >= 0) sys.eventfdWrite(this.callFd);
   }
 
   private fail(e: VirtqError): void {
@@ -328,6 +359,7 @@ export class Vring implements RingCtl {
     const st: RingState = {
       num: this.num, addr: this.addr, base: this.q.getBase(), eventIdx: this.q.eventIdx, packed: this.packed, enabled: this.enabled,
       started: this.started, kickFd: this.kickFd, callFd: this.callFd, errFd: this.errFd, inflight: this.inflightArea,
+      log: this.logArea,
     };
     this.kickFd = this.callFd = this.errFd = -1;
     this.reset();

@@ -17,7 +17,7 @@
 import * as sys from "../../ffi/sys.ts";
 import { GuestMemoryError, ProtocolError, type VirtqError } from "../errors.ts";
 import { GuestMemory } from "../memory/guest_memory.ts";
-import { bit, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
+import { bit, ProtocolFeature, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
   VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from "../protocol/features.ts";
 import { MAX_CONFIG_SIZE, Req, requestName, type Message } from "../protocol/messages.ts";
 import type { Device } from "./api.ts";
@@ -27,6 +27,7 @@ import { Vring, type VringHost } from "./vring.ts";
 import { RemoteVring, type RingChannel } from "./remote_vring.ts";
 import type { RingCtl } from "./ring_ctl.ts";
 import { splitInflightQueueSize } from "../virtq/inflight.ts";
+import { DirtyLog } from "../virtq/dirty_log.ts";
 import { MAP_SHARED, PROT_READ, PROT_WRITE } from "../../ffi/constants.ts";
 
 /** A well-formed request that the device does not honour: REPLY_ACK status 1, connection kept. */
@@ -40,12 +41,12 @@ export const MAX_MEM_SLOTS = 509;
 /** Transport and ring features the framework provides for every device. */
 export const FRAMEWORK_FEATURES =
   bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VIRTIO_RING_F_INDIRECT_DESC) |
-  bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_F_RING_PACKED);
+  bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_F_RING_PACKED) | bit(VHOST_F_LOG_ALL);
 
 export const PROTOCOL_FEATURES =
   bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG) |
   bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) | bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.STATUS) |
-  bit(ProtocolFeature.INFLIGHT_SHMFD);
+  bit(ProtocolFeature.INFLIGHT_SHMFD) | bit(ProtocolFeature.LOG_SHMFD);
 
 /** Largest inflight buffer we map for a front-end (256 queues of 32768 entries fit). */
 const MAX_INFLIGHT_BYTES = 256 * splitInflightQueueSize(32768);
@@ -127,6 +128,7 @@ export class VuDev {
     v.addr = st.addr;
     await v.setLayout(st.packed);
     await v.setInflight(st.inflight);
+    await v.setLog(st.log);
     await v.setEventIdx(st.eventIdx);
     await v.setBase(st.base);
     await v.mapRings();
@@ -191,6 +193,7 @@ export class VuDev {
           if ((f & bit(VHOST_USER_F_PROTOCOL_FEATURES)) === 0n) await v.setEnabled(true);
         }
         this.device.setFeatures?.(f);
+        await this.applyLog();
         return null;
       }
       case R.GET_PROTOCOL_FEATURES:
@@ -311,6 +314,15 @@ export class VuDev {
         this.device.setConfig(c.offset, c.data);
         return null;
       }
+      case R.SET_LOG_BASE:
+        await this.setLogBase(m);
+        // With LOG_SHMFD the front-end waits for this reply (a u64 0) before it starts logging.
+        return reply({ u64: 0n });
+      case R.SET_LOG_FD:
+        // The log eventfd only matters to back-ends without shared-memory logging; ours is shared.
+        for (const fd of m.fds) sys.closeQuiet(fd);
+        m.fds = [];
+        return null;
       case R.GET_INFLIGHT_FD:
         return this.getInflightFd(m);
       case R.SET_INFLIGHT_FD:
@@ -420,6 +432,57 @@ export class VuDev {
     if (!found) throw new Refused(`REM_MEM_REG: no region at gpa 0x${r.guestPhysAddr.toString(16)} of ${r.memorySize} bytes`);
   }
 
+  /** The dirty log bitmap (SET_LOG_BASE), mapped here and shared with the rings while LOG_ALL is on. */
+  private logMap: { host: number; len: number } | null = null;
+  private logOn = false;
+
+  /** SET_LOG_BASE: map the log fd (size checked against the fd and against guest memory). */
+  private async setLogBase(m: Message): Promise<void> {
+    const fd = m.fds[0]!;
+    m.fds = [];
+    try {
+      const { size, offset } = m.log!;
+      const st = sys.fstat(fd);
+      if (!st.isRegular || st.size < offset + size || size === 0) {
+        throw new ProtocolError("SET_LOG_BASE", "log", `fd holds ${st.size} bytes, log needs ${offset} + ${size}`);
+      }
+      const pageOff = offset % 4096;
+      const host = sys.mmap(size + pageOff, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset - pageOff);
+      await this.dropLog();
+      this.logMap = { host: host + pageOff, len: size };
+      this.logUnmap = { host, len: size + pageOff };
+      const end = Math.max(0, ...this.mem.regions.map((r) => r.gpaEnd));
+      if (size < DirtyLog.bytesFor(end)) this.log.warn(`SET_LOG_BASE: log of ${size} bytes covers less than guest memory (${end} bytes)`);
+      await this.applyLog();
+    } finally {
+      sys.closeQuiet(fd);
+    }
+  }
+
+  private logUnmap: { host: number; len: number } | null = null;
+
+  /** Gives every ring the log when LOG_ALL is negotiated and a log is mapped, and takes it back otherwise. */
+  private async applyLog(): Promise<void> {
+    const on = (this.features & bit(VHOST_F_LOG_ALL)) !== 0n && this.logMap !== null;
+    if (on === this.logOn) return;
+    this.logOn = on;
+    await this.quiesce();
+    for (const v of this.vrings) await v.setLog(on ? { host: this.logMap!.host, size: this.logMap!.len } : null);
+    for (const v of this.vrings) await v.resume();
+    this.log.info(`dirty logging ${on ? "on" : "off"}`);
+  }
+
+  private async dropLog(): Promise<void> {
+    if (!this.logMap) return;
+    if (this.logOn) {
+      this.logMap = null;
+      await this.applyLog();
+    }
+    this.logMap = null;
+    if (this.logUnmap) sys.munmap(this.logUnmap.host, this.logUnmap.len);
+    this.logUnmap = null;
+  }
+
   /** The INFLIGHT_SHMFD buffer mapped here (host address and length), shared with the rings. */
   private inflightMap: { host: number; len: number } | null = null;
 
@@ -500,6 +563,7 @@ export class VuDev {
     await this.resetDevice();
     await this.memoryChange(() => this.mem.clear());
     await this.dropInflight();
+    await this.dropLog();
     this.protocolFeatures = 0n;
     this.status = 0;
     this.owner = false;

@@ -153,7 +153,7 @@ export class GuestMemory {
       // Pieces are cut at window starts (not at the overlapped end) so that
       // a long buffer maps each byte exactly once.
       const n = Math.min(len, m.gpaEnd - gpa, ws - inWin);
-      out.add(m.windows[k]!, inWin, n, m.host + off);
+      out.add(m.windows[k]!, inWin, n, m.host + off, gpa);
       gpa += n;
       len -= n;
     }

@@ -8,6 +8,8 @@ export class Pieces {
   off: Float64Array;
   len: Float64Array;
   host: Float64Array;
+  /** Guest physical address of each piece (-1: unknown), for dirty logging. */
+  gpa: Float64Array;
   count = 0;
   /** Sum of `len` over all pieces. */
   total = 0;
@@ -17,6 +19,7 @@ export class Pieces {
     this.off = new Float64Array(capacity);
     this.len = new Float64Array(capacity);
     this.host = new Float64Array(capacity);
+    this.gpa = new Float64Array(capacity);
   }
 
   reset(): void {
@@ -24,7 +27,7 @@ export class Pieces {
     this.total = 0;
   }
 
-  add(win: Uint8Array, off: number, len: number, host: number): void {
+  add(win: Uint8Array, off: number, len: number, host: number, gpa = -1): void {
     let i = this.count;
     if (i === this.off.length) this.grow();
     // Merge with the previous piece when contiguous in the same window.
@@ -37,6 +40,7 @@ export class Pieces {
     this.off[i] = off;
     this.len[i] = len;
     this.host[i] = host;
+    this.gpa[i] = gpa;
     this.count = i + 1;
     this.total += len;
   }
@@ -47,6 +51,7 @@ export class Pieces {
     this.off = grow(this.off);
     this.len = grow(this.len);
     this.host = grow(this.host);
+    this.gpa = grow(this.gpa);
     this.win.length = n;
   }
 }
