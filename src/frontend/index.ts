@@ -3,3 +3,4 @@ export * from "./client.ts";
 export * from "./guest_ram.ts";
 export * from "./split_driver.ts";
 export * from "./blk_driver.ts";
+export * from "./packed_driver.ts";
