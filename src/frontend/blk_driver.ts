@@ -44,6 +44,7 @@ import {
   VIRTIO_RING_F_INDIRECT_DESC,
 } from "../protocol/features.ts";
 
+// Our own copies of the spec constants (VIRTIO 1.2 §5.2): the driver shares no code with the device it tests.
 export const VIRTIO_BLK_F_SIZE_MAX = 1, VIRTIO_BLK_F_SEG_MAX = 2, VIRTIO_BLK_F_GEOMETRY = 4, VIRTIO_BLK_F_RO = 5,
   VIRTIO_BLK_F_BLK_SIZE = 6, VIRTIO_BLK_F_FLUSH = 9, VIRTIO_BLK_F_TOPOLOGY = 10, VIRTIO_BLK_F_CONFIG_WCE = 11,
   VIRTIO_BLK_F_MQ = 12, VIRTIO_BLK_F_DISCARD = 13, VIRTIO_BLK_F_WRITE_ZEROES = 14, VIRTIO_BLK_F_LIFETIME = 15,
