@@ -160,6 +160,8 @@ async function main(): Promise<void> {
       process.exit(0);
     });
   };
+  // Errors are handled where they arise; one that escapes is our bug: log it and keep serving.
+  process.on("unhandledRejection", (e) => log.error(`internal error (unhandled rejection): ${e instanceof Error ? e.stack : e}`));
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGTERM", () => stop("SIGTERM"));
 }

@@ -56,7 +56,12 @@ export class EpollLoop implements EventLoop {
       this.rounds++;
       for (let i = 0; i < n; i++) {
         const w = this.watches.get(evs.data(i));
-        if (w) w.cb();
+        if (!w) continue;
+        try {
+          w.cb();
+        } catch (e) {
+          console.error(`bunvhost: error: internal error in an fd callback: ${e instanceof Error ? e.stack : e}`);
+        }
       }
       // Let promise continuations run: a microtask checkpoint when idle, a
       // whole turn of Bun's loop when something is in progress.

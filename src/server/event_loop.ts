@@ -42,6 +42,9 @@ export class MainLoop implements EventLoop {
       if (!w) continue; // unwatched meanwhile
       try {
         w.cb();
+      } catch (e) {
+        // A callback's own errors are handled where they arise; anything else is our bug: keep serving.
+        console.error(`bunvhost: error: internal error in an fd callback: ${e instanceof Error ? e.stack : e}`);
       } finally {
         // Re-arm only if still watched: the callback may have unwatched (and closed) the fd.
         if (this.watches.get(id) === w) sys.epollCtl(this.ep, EPOLL_CTL_MOD, w.fd, EPOLLIN | EPOLLONESHOT, id);
