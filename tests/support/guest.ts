@@ -10,10 +10,15 @@
  * wait for the test with `read -r line` (the test calls `guest.send()`).
  * GUEST_CONSOLE=1 in the environment prints each guest's console tail and QEMU's
  * stderr when it stops.
+ *
+ * For live migration, `guest.incoming()` starts a second QEMU with the same
+ * machine, kernel, initramfs and command line, waiting for the migration
+ * stream (-incoming defer); give both their consoles on sockets (`console`)
+ * so the guest's output can continue on the destination's.
  */
 import { join } from "node:path";
 import { guestImage, guestSkipReason, withTestScript } from "../../scripts/guest_image.ts";
-import { QemuProcess, qemuSkipReason, type VhostUserBlkOptions } from "./qemu.ts";
+import { QemuProcess, qemuSkipReason, type QemuOptions, type VhostUserBlkOptions } from "./qemu.ts";
 
 /** Why guest tests cannot run here, or null. */
 export function guestTestSkipReason(): string | null {
@@ -31,8 +36,21 @@ export interface GuestOptions {
   script: string;
   smp?: number;
   memMiB?: number;
+  /** RAM in KiB, wins over memMiB (migration needs N MiB + 8 KiB; see QemuOptions). */
+  memKiB?: number;
   /** Added to the kernel command line. */
   append?: string;
+  /** Serial console on a unix socket at this path instead of QEMU's stdio. */
+  console?: string;
+  /** A QMP socket at this path. */
+  qmp?: string;
+}
+
+/** What differs between a migration's source QEMU and its destination. */
+export interface IncomingOptions {
+  blk: VhostUserBlkOptions[];
+  console?: string;
+  qmp?: string;
 }
 
 export interface Result {
@@ -50,21 +68,35 @@ now() { cut -d' ' -f1 /proc/uptime; }
 export class Guest {
   readonly started = Date.now();
 
-  private constructor(readonly qemu: QemuProcess) {}
+  private constructor(readonly qemu: QemuProcess, private readonly options: QemuOptions) {}
 
   /** Starts QEMU; returns at once (use waitResult/finish). */
   static async boot(o: GuestOptions): Promise<Guest> {
     const img = await guestImage();
     const initrd = withTestScript(img.initrd, PRELUDE + o.script, join(o.dir, `initrd-${Date.now()}-${Math.random().toString(36).slice(2)}.gz`));
-    const qemu = QemuProcess.start({
+    const options: QemuOptions = {
       kernel: img.kernel,
       initrd,
       append: `console=ttyS0 quiet panic=-1 init_on_alloc=0 ${o.append ?? ""}`.trim(),
       smp: o.smp ?? 1,
       memMiB: o.memMiB ?? 256,
+      memKiB: o.memKiB,
       blk: o.blk,
-    });
-    return new Guest(qemu);
+      console: o.console,
+      qmp: o.qmp,
+    };
+    return new Guest(QemuProcess.start(options), options);
+  }
+
+  /**
+   * Starts the destination of a live migration: the same machine, kernel,
+   * initramfs and command line, with `-incoming defer` (send QMP
+   * migrate-incoming to it, then migrate to the source). Its results are
+   * what the guest prints after the switchover.
+   */
+  incoming(o: IncomingOptions): Guest {
+    const options: QemuOptions = { ...this.options, blk: o.blk, console: o.console, qmp: o.qmp, incoming: "defer" };
+    return new Guest(QemuProcess.start(options), options);
   }
 
   /** Every RESULT line so far, in order. */

@@ -1,10 +1,12 @@
 /**
  * Starting QEMU for tests: finds the binary, builds the command line for a
  * q35 TCG machine with shared memfd memory and vhost-user-blk devices, runs
- * it with its console on stdout, and always reaps it. Failure messages carry
- * QEMU's stderr and the console tail.
+ * it with its console on stdout (or on a unix socket QEMU listens on, which
+ * we connect to), and always reaps it. Failure messages carry QEMU's stderr
+ * and the console tail.
  */
 import { spawn, type Subprocess } from "bun";
+import { createConnection, type Socket } from "node:net";
 
 export const QEMU = Bun.which("qemu-system-x86_64");
 
@@ -29,6 +31,12 @@ export interface VhostUserBlkOptions {
 
 export interface QemuOptions {
   memMiB?: number;
+  /**
+   * RAM in KiB; wins over memMiB. Live migration under QEMU 7.2 TCG needs
+   * N MiB + 8 KiB: with RAM a multiple of 64 pages, guest-CPU writes made
+   * after a dirty sync can be lost (a TCG dirty-bitmap bug fixed upstream).
+   */
+  memKiB?: number;
   smp?: number;
   blk?: VhostUserBlkOptions[];
   kernel?: string;
@@ -37,16 +45,26 @@ export interface QemuOptions {
   bios?: string;
   /** -qtest unix:PATH (QEMU connects to a listener there). */
   qtest?: string;
+  /**
+   * The serial console on a socket chardev QEMU listens on at this path
+   * (server=on,wait=off) instead of stdio; QemuProcess connects to it and
+   * treats it as it treats stdout and stdin. Not with `qtest`.
+   */
+  console?: string;
+  /** -qmp unix:PATH,server=on,wait=off (connect with Qmp from qmp.ts). */
+  qmp?: string;
+  /** -incoming VALUE, e.g. "defer" (then QMP migrate-incoming). */
+  incoming?: string;
   extra?: string[];
 }
 
 const onOff = (b: boolean) => (b ? "on" : "off");
 
 export function qemuArgs(o: QemuOptions): string[] {
-  const mem = o.memMiB ?? 256;
+  const mem = o.memKiB !== undefined ? `${o.memKiB}K` : `${o.memMiB ?? 256}M`;
   const a = [
-    "-machine", "q35,accel=tcg", "-m", `${mem}M`, "-smp", String(o.smp ?? 1),
-    "-object", `memory-backend-memfd,id=mem,size=${mem}M,share=on`, "-numa", "node,memdev=mem",
+    "-machine", "q35,accel=tcg", "-m", mem, "-smp", String(o.smp ?? 1),
+    "-object", `memory-backend-memfd,id=mem,size=${mem},share=on`, "-numa", "node,memdev=mem",
     "-display", "none", "-nodefaults", "-no-reboot",
   ];
   if (o.bios) a.push("-bios", o.bios);
@@ -54,7 +72,10 @@ export function qemuArgs(o: QemuOptions): string[] {
   if (o.initrd) a.push("-initrd", o.initrd);
   if (o.append) a.push("-append", o.append);
   if (o.qtest) a.push("-qtest", `unix:${o.qtest}`, "-qtest-log", "/dev/null");
+  else if (o.console) a.push("-chardev", `socket,id=con0,path=${o.console},server=on,wait=off`, "-serial", "chardev:con0", "-monitor", "none");
   else a.push("-serial", "stdio", "-monitor", "none");
+  if (o.qmp) a.push("-qmp", `unix:${o.qmp},server=on,wait=off`);
+  if (o.incoming) a.push("-incoming", o.incoming);
   (o.blk ?? []).forEach((b, i) => {
     const id = b.id ?? `vu${i}`;
     a.push("-chardev", `socket,id=${id},path=${b.socket}${b.reconnect !== undefined ? `,reconnect=${b.reconnect}` : ""}`);
@@ -70,37 +91,73 @@ export function qemuArgs(o: QemuOptions): string[] {
   return a;
 }
 
-/** A running QEMU; `output` accumulates its stdout (the serial console when not in qtest mode). */
+/**
+ * A running QEMU; `output` accumulates its stdout and, with `console`, what
+ * the console socket carries (the serial console when not in qtest mode).
+ */
 export class QemuProcess {
   output = "";
   errors = "";
   readonly exited: Promise<number>;
+  /** The console socket once connected (with `console`); rejects if QEMU exits or 10 s pass first (noted in `errors`). */
+  readonly console: Promise<Socket> | null;
   private waiters: (() => void)[] = [];
+  private consoleSock: Socket | null = null;
 
-  private constructor(readonly proc: Subprocess<"pipe", "pipe", "pipe">, readonly args: string[]) {
+  private constructor(readonly proc: Subprocess<"pipe", "pipe", "pipe">, readonly args: string[], consolePath?: string) {
     this.exited = proc.exited;
     void this.pump(proc.stdout, (s) => (this.output += s));
     void this.pump(proc.stderr, (s) => (this.errors += s));
+    this.console = consolePath ? this.connectConsole(consolePath) : null;
+    this.console?.catch((e: Error) => (this.errors += `[test] ${e.message}\n`)); // so describe() shows it
   }
 
   static start(o: QemuOptions): QemuProcess {
     if (!QEMU) throw new Error(qemuSkipReason()!);
     const args = qemuArgs(o);
     const proc = spawn([QEMU, ...args], { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
-    return new QemuProcess(proc, args);
+    return new QemuProcess(proc, args, o.qtest ? undefined : o.console);
+  }
+
+  private wake(): void {
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
   }
 
   private async pump(s: ReadableStream<Uint8Array>, add: (t: string) => void): Promise<void> {
     const dec = new TextDecoder();
     for await (const chunk of s) {
       add(dec.decode(chunk, { stream: true }));
-      const w = this.waiters;
-      this.waiters = [];
-      for (const f of w) f();
+      this.wake();
     }
-    const w = this.waiters;
-    this.waiters = [];
-    for (const f of w) f();
+    this.wake();
+  }
+
+  /** Connects to the console socket as soon as QEMU has created it (wait=off: output before that is lost). */
+  private async connectConsole(path: string): Promise<Socket> {
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      if (this.proc.exitCode !== null || this.proc.signalCode !== null) throw new Error(`QEMU exited before its console ${path} accepted`);
+      try {
+        const sock = await new Promise<Socket>((res, rej) => {
+          const s = createConnection(path, () => res(s));
+          s.once("error", rej);
+        });
+        const dec = new TextDecoder();
+        sock.on("data", (c: Buffer) => {
+          this.output += dec.decode(c, { stream: true });
+          this.wake();
+        });
+        sock.on("error", () => {});
+        sock.on("close", () => this.wake());
+        this.consoleSock = sock;
+        return sock;
+      } catch (e) {
+        if (Date.now() > deadline) throw new Error(`cannot connect to QEMU's console ${path}: ${(e as Error).message}`, { cause: e });
+        await Bun.sleep(10);
+      }
+    }
   }
 
   get pid(): number {
@@ -125,8 +182,13 @@ export class QemuProcess {
     }
   }
 
-  /** Writes a line to QEMU's stdin (the guest's console input). */
+  /** Writes a line to the guest's console input: QEMU's stdin, or the console socket. */
   send(line: string): void {
+    if (this.console) {
+      if (!this.consoleSock) throw new Error(`QEMU's console is not connected yet\n${this.describe()}`);
+      this.consoleSock.write(line + "\n");
+      return;
+    }
     this.proc.stdin.write(line + "\n");
     this.proc.stdin.flush();
   }
@@ -138,6 +200,7 @@ export class QemuProcess {
 
   /** Kills QEMU (SIGTERM, then SIGKILL after `graceMs`) and reaps it. */
   async stop(graceMs = 2000): Promise<number> {
+    this.consoleSock?.destroy();
     if (this.proc.exitCode === null && this.proc.signalCode === null) {
       this.proc.kill("SIGTERM");
       const t = setTimeout(() => this.proc.kill("SIGKILL"), graceMs);

@@ -1,6 +1,6 @@
 /**
- * Driving QEMU without a guest: the qtest protocol, a QMP client and the
- * firmware that keeps the CPU out of the way.
+ * Driving QEMU without a guest: the qtest protocol and the firmware that
+ * keeps the CPU out of the way (the QMP client is in qmp.ts).
  *
  * Theory of operation. `-qtest unix:PATH` makes QEMU connect to PATH as a
  * client, so the test listens first (`QtestListener.open`), starts QEMU and
@@ -13,10 +13,10 @@
  *
  * The firmware is 64 KiB of `hlt` with `hlt; jmp -3` at the reset vector, so
  * the vCPU parks at once and nothing but the test touches PCI devices. QMP
- * (`-qmp unix:PATH,server=on,wait=off`) is for what qtest cannot do, such as
- * `system_reset` and `quit`.
+ * (`-qmp unix:PATH,server=on,wait=off`, client in qmp.ts) is for what qtest
+ * cannot do, such as `system_reset` and `quit`.
  */
-import { createConnection, createServer, type Server, type Socket } from "node:net";
+import { createServer, type Server, type Socket } from "node:net";
 import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
@@ -229,78 +229,5 @@ export class Qtest {
   }
 }
 
-/**
- * A QMP client for `-qmp unix:PATH,server=on,wait=off`: connects, reads the
- * greeting, negotiates capabilities; `execute` returns `return` or throws on
- * `error`. Events (`{"event": ...}`) are collected in `events`.
- */
-export class Qmp {
-  readonly events: { event: string; data?: unknown }[] = [];
-  private readonly pending: { resolve: (v: any) => void; reject: (e: Error) => void }[] = [];
-  private greeted!: () => void;
-  private readonly greeting = new Promise<void>((res) => (this.greeted = res));
-  private closed = false;
-
-  private constructor(private readonly sock: Socket) {
-    const reader = new LineReader((line) => this.onLine(line));
-    sock.on("data", (c: Buffer) => reader.push(c));
-    sock.on("close", () => {
-      this.closed = true;
-      for (const p of this.pending.splice(0)) p.reject(new Error("QMP connection closed"));
-    });
-    sock.on("error", () => {});
-  }
-
-  static async connect(path: string, timeoutMs = DEFAULT_TIMEOUT_MS): Promise<Qmp> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      try {
-        const sock = await new Promise<Socket>((res, rej) => {
-          const s = createConnection(path, () => res(s));
-          s.once("error", rej);
-        });
-        const q = new Qmp(sock);
-        await q.greeting;
-        await q.execute("qmp_capabilities");
-        return q;
-      } catch (e) {
-        if (Date.now() > deadline) throw new Error(`QMP: cannot connect to ${path}: ${(e as Error).message}`);
-        await Bun.sleep(20);
-      }
-    }
-  }
-
-  private onLine(line: string): void {
-    if (!line.trim()) return;
-    const m = JSON.parse(line);
-    if (m.QMP) this.greeted();
-    else if (m.event) this.events.push({ event: m.event, data: m.data });
-    else {
-      const p = this.pending.shift();
-      if (!p) return;
-      if (m.error) p.reject(new Error(`QMP ${m.error.class}: ${m.error.desc}`));
-      else p.resolve(m.return);
-    }
-  }
-
-  execute(command: string, args?: Record<string, unknown>): Promise<any> {
-    if (this.closed) return Promise.reject(new Error(`QMP ${command}: connection closed`));
-    return new Promise((resolve, reject) => {
-      this.pending.push({ resolve, reject });
-      this.sock.write(JSON.stringify(args ? { execute: command, arguments: args } : { execute: command }) + "\n");
-    });
-  }
-
-  /** Waits until an event named `name` has arrived (or was already collected). */
-  async waitEvent(name: string, timeoutMs = DEFAULT_TIMEOUT_MS): Promise<void> {
-    const deadline = Date.now() + timeoutMs;
-    while (!this.events.some((e) => e.event === name)) {
-      if (Date.now() > deadline) throw new Error(`QMP: no ${name} event within ${timeoutMs} ms`);
-      await Bun.sleep(10);
-    }
-  }
-
-  close(): void {
-    this.sock.destroy();
-  }
-}
+/** The QMP client lives in qmp.ts; re-exported for existing users. */
+export { Qmp } from "./qmp.ts";
