@@ -197,6 +197,15 @@ const cases: Case[] = [
     },
   },
   {
+    name: "SET_LOG_BASE with a log larger than its fd (would SIGBUS)", log: /SET_LOG_BASE.*fd holds/,
+    run: (fe) => {
+      const fd = sys.memfdCreate("small-log");
+      sys.ftruncate(fd, 4096);
+      fe.sendRaw(encode(msg(Req.SET_LOG_BASE, { log: { size: 1 << 20, offset: 0 } })), [fd]);
+      sys.close(fd);
+    },
+  },
+  {
     name: "a message cut short by a disconnect, with fds attached", log: /disconnected/,
     run: (fe) => {
       const m = encode(msg(Req.SET_VRING_KICK, { vring: { index: 0, noFd: false } }));
