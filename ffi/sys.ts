@@ -63,6 +63,12 @@ export function isOpen(fd: number): boolean {
   return sym.fcntl(fd, C.F_GETFD, 0) >= 0;
 }
 
+/** F_GET_SEALS: the seals of a memfd (F_SEAL_SHRINK = 2, ...); -1 for fds that cannot carry seals. */
+export function getSeals(fd: number): number {
+  return sym.fcntl(fd, 1034, 0);
+}
+export const F_SEAL_SHRINK = 0x0002;
+
 export function setNonBlocking(fd: number, on = true): void {
   const fl = check("fcntl", sym.fcntl(fd, C.F_GETFL, 0));
   check("fcntl", sym.fcntl(fd, C.F_SETFL, on ? fl | C.O_NONBLOCK : fl & ~C.O_NONBLOCK));

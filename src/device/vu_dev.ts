@@ -386,9 +386,29 @@ export class VuDev {
     return e;
   }
 
+  private sealWarned = false;
+
+  /**
+   * A mapping whose file shrinks under it faults with SIGBUS on the next
+   * access, which no JavaScript can catch: say so once when the front-end's
+   * memory is not sealed against shrinking (QEMU seals its memfds by default).
+   */
+  private checkSeals(fds: readonly number[]): void {
+    if (this.sealWarned) return;
+    for (const fd of fds) {
+      const seals = sys.getSeals(fd);
+      if (seals >= 0 && (seals & sys.F_SEAL_SHRINK) === 0) {
+        this.sealWarned = true;
+        this.log.warn("guest memory is a memfd without F_SEAL_SHRINK: a front-end that shrinks it would crash this process (SIGBUS)");
+        return;
+      }
+    }
+  }
+
   private async setMemTable(m: Message): Promise<void> {
     const fds = m.fds;
     m.fds = [];
+    this.checkSeals(fds);
     try {
       await this.memoryChange(() => {
         this.mem.clear();
@@ -408,6 +428,7 @@ export class VuDev {
   private async addMemReg(m: Message): Promise<void> {
     const fd = m.fds[0]!;
     m.fds = [];
+    this.checkSeals([fd]);
     try {
       await this.memoryChange(() => {
         try {
