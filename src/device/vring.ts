@@ -27,6 +27,9 @@ import { DirtyLog } from "../virtq/dirty_log.ts";
 import { SplitInflight } from "../virtq/inflight.ts";
 import { hostView } from "../memory/region.ts";
 
+/** Completions published (used.idx stored, driver notified if it asks) at least every this many within a drain. */
+const FLUSH_EVERY = 4;
+
 /** Request state, pooled per ring and reused (no allocation per request once warm). */
 class Slot implements Request {
   readonly rp = new Pieces(8);
@@ -205,7 +208,7 @@ export class Vring implements RingCtl {
     const q = this.q;
     if (!q.ready || q.broken) return;
     this.processing = true;
-    let pushed = false;
+    let pushed = 0;
     try {
       for (;;) {
         q.disableNotification();
@@ -226,7 +229,12 @@ export class Vring implements RingCtl {
           slot.out.rewind();
           this.inflight++;
           this.host.inflightChanged(1);
-          if (this.handle(slot)) pushed = true;
+          if (this.handle(slot) && ++pushed === FLUSH_EVERY) {
+            // Publish as we go, not only at the end of a long drain: the driver can then
+            // reap and refill while we work (measured: 1 queue, QD128, null disk, 1.8x IOPS).
+            this.flush();
+            pushed = 0;
+          }
         }
         if (!q.enableNotification()) break;
       }
@@ -238,7 +246,7 @@ export class Vring implements RingCtl {
       }
     } finally {
       this.processing = false;
-      if (pushed) this.flush();
+      if (pushed > 0) this.flush();
     }
   }
 
