@@ -28,6 +28,7 @@ import {
   bit, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
   VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 } from "../../src/protocol/features.ts";
+import { fillRandom, rng } from "../support/random.ts";
 
 const MiB = 1 << 20;
 const DISK = 32 * MiB;
@@ -37,24 +38,7 @@ const TYPES_AT = (24 * MiB) / 512;
 const RECONNECT_AT = (28 * MiB) / 512;
 const RING_AT = (30 * MiB) / 512;
 
-/** xorshift32: the same bytes on every run. */
-function rng(seed: number) {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>>= 0);
-  };
-}
 
-function fillRandom(b: Uint8Array, next: () => number): Uint8Array {
-  const words = new Uint32Array(b.buffer, b.byteOffset, b.length >>> 2);
-  for (let i = 0; i < words.length; i++) words[i] = next();
-  for (let i = words.length * 4; i < b.length; i++) b[i] = next() & 0xff;
-  return b;
-}
 
 const same = (a: Uint8Array, b: Uint8Array) => a.length === b.length && Buffer.compare(a, b) === 0;
 

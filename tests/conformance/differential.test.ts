@@ -36,6 +36,7 @@ import {
   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, type ReqOpts,
 } from "../../src/frontend/index.ts";
 import { backendKinds, scratchDir, type Backend } from "../support/backends.ts";
+import { fillRandom, rng } from "../support/random.ts";
 
 const kind = backendKinds.find((k) => k.name === "bunvhost")!;
 const skip = kind.skipReason();
@@ -53,23 +54,7 @@ const OPS = 600;
 const STOP_AT = 300;
 const SEED = 0xd1ff;
 
-/** xorshift32: the same numbers on every run. */
-function rng(seed: number) {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>>= 0);
-  };
-}
 
-function fillRandom(b: Uint8Array, next: () => number): Uint8Array {
-  const words = new Uint32Array(b.buffer, b.byteOffset, b.length >>> 2);
-  for (let i = 0; i < words.length; i++) words[i] = next();
-  return b;
-}
 
 const isQuiet = (i: number) => i === STOP_AT + 1 || i === STOP_AT + 2;
 

@@ -22,7 +22,7 @@ import { createHash } from "node:crypto";
 import { closeSync, openSync, readSync, renameSync, rmSync, symlinkSync, truncateSync } from "node:fs";
 import { join } from "node:path";
 import { backendKinds, scratchDir, type Backend, type BackendKind } from "../support/backends.ts";
-import { Guest, guestTestSkipReason } from "../support/guest.ts";
+import { Guest, guestTestSkipReason, md5Range } from "../support/guest.ts";
 
 const MiB = 1024 * 1024;
 const DISK = 64 * MiB;
@@ -30,22 +30,6 @@ const DISK = 64 * MiB;
 const GUEST_TIMEOUT_MS = 60_000;
 const TEST_TIMEOUT_MS = 180_000;
 
-/** md5 of `len` bytes of `file` at `offset`, as the guest's md5sum prints it. */
-function md5Range(file: string, offset: number, len: number): string {
-  const fd = openSync(file, "r");
-  try {
-    const buf = Buffer.alloc(len);
-    let done = 0;
-    while (done < len) {
-      const n = readSync(fd, buf, done, len - done, offset + done);
-      if (n === 0) break;
-      done += n;
-    }
-    return createHash("md5").update(buf.subarray(0, done)).digest("hex");
-  } finally {
-    closeSync(fd);
-  }
-}
 
 function makeImage(path: string, size: number): string {
   closeSync(openSync(path, "w"));

@@ -43,7 +43,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { closeSync, openSync, readSync, rmSync, truncateSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { backendKinds, scratchDir, type Backend, type BackendKind } from "../support/backends.ts";
-import { Guest, guestTestSkipReason } from "../support/guest.ts";
+import { Guest, guestTestSkipReason, md5Range } from "../support/guest.ts";
 import { Qmp } from "../support/qmp.ts";
 
 const MiB = 1024 * 1024;
@@ -173,21 +173,6 @@ function makeImage(path: string): void {
   truncateSync(path, DISK);
 }
 
-function md5Range(file: string, offset: number, len: number): string {
-  const fd = openSync(file, "r");
-  try {
-    const buf = Buffer.alloc(len);
-    let done = 0;
-    while (done < len) {
-      const n = readSync(fd, buf, done, len - done, offset + done);
-      if (n === 0) break;
-      done += n;
-    }
-    return createHash("md5").update(buf.subarray(0, done)).digest("hex");
-  } finally {
-    closeSync(fd);
-  }
-}
 
 interface MigrationStats {
   status: string;

@@ -19,6 +19,8 @@
 import { join } from "node:path";
 import { guestImage, guestSkipReason, withTestScript } from "../../scripts/guest_image.ts";
 import { QemuProcess, qemuSkipReason, type QemuOptions, type VhostUserBlkOptions } from "./qemu.ts";
+import { closeSync, openSync, readSync } from "node:fs";
+import { createHash } from "node:crypto";
 
 /** Why guest tests cannot run here, or null. */
 export function guestTestSkipReason(): string | null {
@@ -171,5 +173,22 @@ export async function runGuest(o: GuestOptions & { timeoutMs?: number }): Promis
     return await g.finish(o.timeoutMs ?? 60_000);
   } finally {
     await g.stop();
+  }
+}
+
+/** md5 of `len` bytes of `file` at `offset`, as the guest's md5sum prints it. */
+export function md5Range(file: string, offset: number, len: number): string {
+  const fd = openSync(file, "r");
+  try {
+    const buf = Buffer.alloc(len);
+    let done = 0;
+    while (done < len) {
+      const n = readSync(fd, buf, done, len - done, offset + done);
+      if (n === 0) break;
+      done += n;
+    }
+    return createHash("md5").update(buf.subarray(0, done)).digest("hex");
+  } finally {
+    closeSync(fd);
   }
 }
