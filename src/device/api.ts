@@ -52,6 +52,12 @@ export interface Device {
    * for the request: the framework then completes it with whatever was written.
    */
   handle(req: Request): void | Promise<void>;
+  /**
+   * Re-reads what may have changed outside (e.g. an image resized by its
+   * owner); returns true when the config space changed, and the framework
+   * then tells the driver (CONFIG_CHANGE_MSG over the back-end channel).
+   */
+  refresh?(): boolean;
   /** The driver reset the device (RESET_OWNER, RESET_DEVICE, disconnect). */
   reset?(): void;
   /** The server is shutting down: release backing resources. */

@@ -24,6 +24,7 @@ export type RingCommand =
   | { op: "layout"; index: number; packed: boolean }
   | { op: "inflight"; index: number; area: InflightArea | null }
   | { op: "log"; index: number; area: LogArea | null }
+  | { op: "refresh" }
   | { op: "stop" | "quiesce" | "resume" | "detach" | "reset" | "release"; index: number };
 
 /** The main thread's line to one I/O thread. */

@@ -19,7 +19,8 @@ import { GuestMemoryError, ProtocolError, type VirtqError } from "../errors.ts";
 import { GuestMemory } from "../memory/guest_memory.ts";
 import { bit, ProtocolFeature, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
   VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from "../protocol/features.ts";
-import { MAX_CONFIG_SIZE, Req, requestName, type Message } from "../protocol/messages.ts";
+import { BackendReq, HDR_SIZE, MAX_CONFIG_SIZE, Req, requestName, type Message } from "../protocol/messages.ts";
+import { encodeBackendMessage } from "../protocol/encode.ts";
 import type { Device } from "./api.ts";
 import type { Logger } from "./log.ts";
 import type { EventLoop } from "./loop.ts";
@@ -28,7 +29,7 @@ import { RemoteVring, type RingChannel } from "./remote_vring.ts";
 import type { RingCtl } from "./ring_ctl.ts";
 import { splitInflightQueueSize } from "../virtq/inflight.ts";
 import { DirtyLog } from "../virtq/dirty_log.ts";
-import { MAP_SHARED, PROT_READ, PROT_WRITE } from "../../ffi/constants.ts";
+import { MAP_SHARED, POLLOUT, PROT_READ, PROT_WRITE } from "../../ffi/constants.ts";
 
 /** A well-formed request that the device does not honour: REPLY_ACK status 1, connection kept. */
 export class Refused extends Error {
@@ -46,7 +47,7 @@ export const FRAMEWORK_FEATURES =
 export const PROTOCOL_FEATURES =
   bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG) |
   bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) | bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.STATUS) |
-  bit(ProtocolFeature.INFLIGHT_SHMFD) | bit(ProtocolFeature.LOG_SHMFD);
+  bit(ProtocolFeature.INFLIGHT_SHMFD) | bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.BACKEND_REQ);
 
 /** Largest inflight buffer we map for a front-end (256 queues of 32768 entries fit). */
 const MAX_INFLIGHT_BYTES = 256 * splitInflightQueueSize(32768);
@@ -323,6 +324,11 @@ export class VuDev {
         for (const fd of m.fds) sys.closeQuiet(fd);
         m.fds = [];
         return null;
+      case R.SET_BACKEND_REQ_FD:
+        sys.closeQuiet(this.backendFd);
+        this.backendFd = m.fds[0]!;
+        m.fds = [];
+        return null;
       case R.GET_INFLIGHT_FD:
         return this.getInflightFd(m);
       case R.SET_INFLIGHT_FD:
@@ -451,6 +457,37 @@ export class VuDev {
       found = this.mem.remove(r.guestPhysAddr, r.memorySize, r.userAddr);
     });
     if (!found) throw new Refused(`REM_MEM_REG: no region at gpa 0x${r.guestPhysAddr.toString(16)} of ${r.memorySize} bytes`);
+  }
+
+  /** The back-end request channel (SET_BACKEND_REQ_FD): messages from us to the front-end. */
+  private backendFd = -1;
+
+  /**
+   * Tells the front-end that the config space changed (CONFIG_CHANGE_MSG on
+   * the back-end channel; it then re-reads it with GET_CONFIG and interrupts
+   * the guest). Returns false when the front-end gave no channel.
+   */
+  configChanged(): boolean {
+    if (this.backendFd < 0 || (this.protocolFeatures & bit(ProtocolFeature.BACKEND_REQ)) === 0n) return false;
+    const buf = new sys.MsgBuf(HDR_SIZE + 16);
+    try {
+      // No NEED_REPLY: the front-end's acknowledgement would arrive on a socket nobody here reads.
+      const n = encodeBackendMessage({ request: BackendReq.CONFIG_CHANGE_MSG, flags: 0, fds: [] }, buf.dataView);
+      const deadline = Date.now() + 2000;
+      for (let off = 0; off < n;) {
+        const w = buf.send(this.backendFd, off, n - off);
+        if (w === null) {
+          if (Date.now() > deadline) throw new Error("CONFIG_CHANGE_MSG: the front-end does not read its back-end channel");
+          sys.poll1(this.backendFd, POLLOUT, 100);
+          continue;
+        }
+        off += w;
+      }
+    } finally {
+      buf.free();
+    }
+    this.log.info("config changed: CONFIG_CHANGE_MSG sent");
+    return true;
   }
 
   /** The dirty log bitmap (SET_LOG_BASE), mapped here and shared with the rings while LOG_ALL is on. */
@@ -585,6 +622,8 @@ export class VuDev {
     await this.memoryChange(() => this.mem.clear());
     await this.dropInflight();
     await this.dropLog();
+    sys.closeQuiet(this.backendFd);
+    this.backendFd = -1;
     this.protocolFeatures = 0n;
     this.status = 0;
     this.owner = false;

@@ -62,7 +62,7 @@ class Blk implements Device {
   readonly name = "blk";
   readonly type = VIRTIO_ID_BLOCK;
   readonly features: bigint;
-  private readonly sectors: number;
+  private sectors: number;
   private readonly cfg = new Uint8Array(VIRTIO_BLK_CONFIG_SIZE);
   private readonly id = new Uint8Array(VIRTIO_BLK_ID_BYTES);
   /** Until FLUSH is negotiated every write is made durable before it completes (§5.2.6.2, stable writes). */
@@ -79,8 +79,7 @@ class Blk implements Device {
       bit(VIRTIO_BLK_F_MQ) | bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES) |
       (ro ? bit(VIRTIO_BLK_F_RO) : 0n);
     const c = new DataView(this.cfg.buffer);
-    c.setUint32(0, this.sectors % 2 ** 32, true);
-    c.setUint32(4, Math.floor(this.sectors / 2 ** 32), true);
+    this.setCapacity();
     // seg_max must fit the ring the driver actually picks (QEMU's default is 128) when it
     // does not use indirect descriptors; the config is read before the ring size is known.
     c.setUint32(12, Math.min(queueSize, BLK_SEG_MAX_RING) - 2, true);
@@ -96,6 +95,22 @@ class Blk implements Device {
 
   config(): Uint8Array {
     return this.cfg;
+  }
+
+  private setCapacity(): void {
+    const c = new DataView(this.cfg.buffer);
+    c.setUint32(0, this.sectors % 2 ** 32, true);
+    c.setUint32(4, Math.floor(this.sectors / 2 ** 32), true);
+  }
+
+  /** The image was resized by its owner: take the new capacity; returns whether it changed. */
+  refresh(): boolean {
+    if (!this.backing.resync) return false;
+    const sectors = Math.floor(this.backing.resync() / SECTOR);
+    if (sectors === this.sectors) return false;
+    this.sectors = sectors;
+    this.setCapacity();
+    return true;
   }
 
   setFeatures(features: bigint): void {

@@ -16,6 +16,8 @@ import type { ChainReader, ChainWriter } from "../device/api.ts";
 export interface Backing {
   /** Bytes; the device exposes `floor(size / 512)` sectors. */
   readonly size: number;
+  /** Re-reads the size of a backing that can change under us (an image file resized by its owner); returns it. */
+  resync?(): number;
   readonly readonly: boolean;
   /** For logs: the path, "ram" or "null". */
   readonly name: string;
@@ -79,9 +81,14 @@ class FileBacking implements Backing {
   private fd: number;
   private bounceBuf: Pinned | null = null;
 
-  constructor(fd: number, readonly name: string, readonly size: number, readonly readonly: boolean,
+  constructor(fd: number, readonly name: string, public size: number, readonly readonly: boolean,
     private readonly direct: boolean) {
     this.fd = fd;
+  }
+
+  resync(): number {
+    this.size = sys.fstat(this.fd).size;
+    return this.size;
   }
 
   private bounce(): Pinned {

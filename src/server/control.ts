@@ -4,6 +4,7 @@
  *
  *   stats            → ok {"connections":3,"queues":[{"index":0,"where":"io0","started":true}, ...]}
  *   move Q T         → ok queue Q on T      (T: an I/O thread index, or "main")
+ *   resize           → ok changed | ok unchanged   (re-read the image size; the guest is told)
  *
  * It carries no fds, so Bun's own unix-socket server is enough here.
  */
@@ -49,8 +50,10 @@ export class ControlSocket {
           const where = await this.server.moveQueue(q, t);
           return `ok queue ${q} on ${where}`;
         }
+        case "resize":
+          return `ok ${await this.server.refreshDevice()}`;
         default:
-          return `error unknown command "${cmd}" (stats, move)`;
+          return `error unknown command "${cmd}" (stats, move, resize)`;
       }
     } catch (e) {
       this.log.warn(`control: ${line}: ${(e as Error).message}`);

@@ -70,6 +70,7 @@ async function exec(c: RingCommand | { op: "exit" }): Promise<unknown> {
     case "layout": return ring(c.index).setLayout(c.packed), null;
     case "inflight": return ring(c.index).setInflight(c.area), null;
     case "log": return ring(c.index).setLog(c.area), null;
+    case "refresh": return device.refresh?.() ?? false;
     case "kick": return ring(c.index).setKick(c.fd), null;
     case "call": return ring(c.index).setCall(c.fd), null;
     case "err": return ring(c.index).setErr(c.fd), null;

@@ -163,6 +163,20 @@ export class VuServer {
     return thread < 0 ? "main" : this.opts.threads![thread]!.name;
   }
 
+  /**
+   * Re-reads what may have changed outside the device (an image resized by
+   * its owner) in every thread's instance, and tells the connected front-end
+   * when the config space changed. Returns "changed", "unchanged", or
+   * "changed, front-end not told" (no back-end channel).
+   */
+  async refreshDevice(): Promise<string> {
+    const changed = this.opts.device.refresh?.() ?? false;
+    for (const t of this.opts.threads ?? []) await t.request({ op: "refresh" });
+    if (!changed) return "unchanged";
+    const dev = this.current;
+    return dev && dev.configChanged() ? "changed" : "changed, front-end not told";
+  }
+
   /** Resolves when the current front-end (if any) has gone. */
   async idle(): Promise<void> {
     while (this.conn) await this.conn.done;
