@@ -25,7 +25,7 @@ const USAGE = `usage: bun run server.ts [options]
   --queue-size N       largest queue size accepted, a power of 2 (default 1024)
   --threads N          I/O threads serving the queues (default 1; 0: Bun's main loop)
   --queue-map LIST     explicit queue→thread map, e.g. 0:0,1:1,2:main (default: round robin)
-  --control PATH       line-based control socket: "stats", "move QUEUE THREAD|main"
+  --control PATH       line-based control socket: "stats", "move QUEUE THREAD|main", "resize"
   --serial ID          GET_ID string, at most 20 bytes (default "bunvhost")
   --trace              log every vhost-user message both ways
   --log-level LEVEL    debug, info, warn or error (default info)
