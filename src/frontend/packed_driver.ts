@@ -35,10 +35,10 @@
  * flags, any id, stale avail bits, nested tables).
  */
 import * as sys from "../../ffi/sys.ts";
-import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN, EPOLLRDHUP, POLLIN } from "../../ffi/constants.ts";
 import { FrontendError } from "./client.ts";
 import type { GuestRam } from "./guest_ram.ts";
-import type { VirtqDriver, WaitResult } from "./split_driver.ts";
+import type { VirtqDriver } from "./split_driver.ts";
+import { CallWait, type WaitResult } from "./call_wait.ts";
 
 // Our own copies of the spec constants (§2.8): the driver shares no code with the device it tests.
 export const VIRTQ_DESC_F_NEXT = 1;
@@ -130,7 +130,6 @@ export interface PackedDriverOptions {
   polling?: boolean;
 }
 
-const now = () => performance.now();
 
 /**
  * The driver side of one packed virtqueue, with SplitDriver's surface
@@ -167,7 +166,10 @@ export class PackedDriver implements VirtqDriver {
   usedLen = 0;
   /** Notifications sent and interrupts received (for benchmarks). */
   kicks = 0;
-  calls = 0;
+  /** Call eventfd signals consumed while waiting. */
+  get calls(): number {
+    return this.waiter.calls;
+  }
   /** Free ring positions (descriptors not in flight). */
   numFree: number;
 
@@ -200,9 +202,7 @@ export class PackedDriver implements VirtqDriver {
   // The first flags of the oldest chain not yet published (-1: none).
   private pubAt = -1;
   private pubFlags = 0;
-  private ep = -1;
-  private events: sys.EpollEvents | null = null;
-  private watched = -1;
+  private readonly waiter: CallWait;
   private closed = false;
 
   constructor(readonly ram: GuestRam, o: PackedDriverOptions) {
@@ -257,6 +257,7 @@ export class PackedDriver implements VirtqDriver {
       sys.closeQuiet(this.kickFd);
       throw e;
     }
+    this.waiter = new CallWait(this.callFd, this.polling, () => this.ready());
   }
 
   /** SET_VRING_ADDR `avail` for a packed ring: the driver area. */
@@ -593,70 +594,14 @@ export class PackedDriver implements VirtqDriver {
     return true;
   }
 
-  /**
-   * Waits until a used descriptor is pending. In interrupt mode it sleeps on
-   * the call eventfd and, if given, `watchFd` (the vhost-user socket: the
-   * back-end hanging up ends the wait); in polling mode it spins on the ring
-   * and looks at `watchFd` every 20 ms.
-   */
+  /** Waits until a used buffer is there to reap (see CallWait): "used", "timeout" or "socket". */
   wait(timeoutMs: number, watchFd = -1): WaitResult {
-    if (this.ready()) return "used";
-    const deadline = now() + timeoutMs;
-    if (this.polling) {
-      let spins = 0;
-      let nextCheck = now() + 20;
-      for (;;) {
-        if (this.ready()) return "used";
-        if ((++spins & 1023) === 0) {
-          const t = now();
-          if (t >= deadline) return "timeout";
-          if (watchFd >= 0 && t >= nextCheck) {
-            nextCheck = t + 20;
-            if (sys.poll1(watchFd, POLLIN, 0) !== 0) return this.ready() ? "used" : "socket";
-          }
-        }
-      }
-    }
-    this.watch(watchFd);
-    const ev = this.events!;
-    for (;;) {
-      // The driver area names our next used position since the last reap: re-check after it is in
-      // place, since the device may have published just before reading it.
-      if (this.ready()) return "used";
-      const left = deadline - now();
-      if (left <= 0) return "timeout";
-      const n = ev.wait(this.ep, Math.ceil(left));
-      let sock = false;
-      for (let i = 0; i < n; i++) {
-        if (ev.data(i) === 1) sock = true;
-        else if (sys.eventfdRead(this.callFd) !== null) this.calls++;
-      }
-      if (this.ready()) return "used";
-      if (sock) return "socket";
-    }
+    return this.waiter.wait(timeoutMs, watchFd);
   }
 
   /** Whether the next used descriptor is there (cheaper than `pending`). */
   private ready(): boolean {
     return this.numFree !== this.size && this.usedAt(this.nextUsed, this.usedWrap);
-  }
-
-  private watch(fd: number): void {
-    if (this.ep < 0) {
-      this.ep = sys.epollCreate();
-      this.events = new sys.EpollEvents(4);
-      sys.epollCtl(this.ep, EPOLL_CTL_ADD, this.callFd, EPOLLIN, 0);
-    }
-    if (fd === this.watched) return;
-    if (this.watched >= 0) {
-      try {
-        sys.epollCtl(this.ep, EPOLL_CTL_DEL, this.watched, 0, 1);
-      } catch {
-        // already closed: epoll dropped it by itself
-      }
-    }
-    this.watched = fd;
-    if (fd >= 0) sys.epollCtl(this.ep, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, 1);
   }
 
   /** Closes the eventfds (the back-end keeps its own copies). The ring stays in `ram`. */
@@ -665,7 +610,6 @@ export class PackedDriver implements VirtqDriver {
     this.closed = true;
     sys.closeQuiet(this.kickFd);
     sys.closeQuiet(this.callFd);
-    if (this.ep >= 0) sys.closeQuiet(this.ep);
-    this.events?.mem.free();
+    this.waiter.close();
   }
 }

@@ -27,7 +27,6 @@
  * any next index, nested tables, an arbitrary avail entry).
  */
 import * as sys from "../../ffi/sys.ts";
-import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN, EPOLLRDHUP, POLLIN } from "../../ffi/constants.ts";
 import { FrontendError } from "./client.ts";
 import type { GuestRam } from "./guest_ram.ts";
 
@@ -93,7 +92,8 @@ export interface SplitDriverOptions {
 }
 
 /** What `wait` saw: a used element, the deadline, or activity on the watched socket. */
-export type WaitResult = "used" | "timeout" | "socket";
+import { CallWait, type WaitResult } from "./call_wait.ts";
+export type { WaitResult } from "./call_wait.ts";
 
 /**
  * The driver side of one virtqueue, whatever its layout: what BlkDriver
@@ -145,7 +145,6 @@ export interface VirtqDriver {
   close(): void;
 }
 
-const now = () => performance.now();
 
 export class SplitDriver implements VirtqDriver {
   readonly size: number;
@@ -167,7 +166,10 @@ export class SplitDriver implements VirtqDriver {
   usedLen = 0;
   /** Notifications sent and interrupts received (for benchmarks). */
   kicks = 0;
-  calls = 0;
+  /** Call eventfd signals consumed while waiting. */
+  get calls(): number {
+    return this.waiter.calls;
+  }
   /** Free descriptors. */
   numFree: number;
 
@@ -191,9 +193,7 @@ export class SplitDriver implements VirtqDriver {
   private cPrev = -1;
   private cN = 0;
   private cIndirect = false;
-  private ep = -1;
-  private events: sys.EpollEvents | null = null;
-  private watched = -1;
+  private readonly waiter: CallWait;
   private closed = false;
 
   constructor(readonly ram: GuestRam, o: SplitDriverOptions) {
@@ -258,6 +258,7 @@ export class SplitDriver implements VirtqDriver {
       sys.closeQuiet(this.kickFd);
       throw e;
     }
+    this.waiter = new CallWait(this.callFd, this.polling, () => this.pending() > 0);
   }
 
   /** Avail index the driver has published (or will at the next kick). */
@@ -498,65 +499,9 @@ export class SplitDriver implements VirtqDriver {
     return true;
   }
 
-  /**
-   * Waits until a used element is pending. In interrupt mode it sleeps on the
-   * call eventfd and, if given, `watchFd` (the vhost-user socket: the
-   * back-end hanging up ends the wait); in polling mode it spins on used.idx
-   * and looks at `watchFd` every 20 ms.
-   */
+  /** Waits until a used buffer is there to reap (see CallWait): "used", "timeout" or "socket". */
   wait(timeoutMs: number, watchFd = -1): WaitResult {
-    if (this.pending() > 0) return "used";
-    const deadline = now() + timeoutMs;
-    if (this.polling) {
-      let spins = 0;
-      let nextCheck = now() + 20;
-      for (;;) {
-        if (this.pending() > 0) return "used";
-        if ((++spins & 1023) === 0) {
-          const t = now();
-          if (t >= deadline) return "timeout";
-          if (watchFd >= 0 && t >= nextCheck) {
-            nextCheck = t + 20;
-            if (sys.poll1(watchFd, POLLIN, 0) !== 0) return this.pending() > 0 ? "used" : "socket";
-          }
-        }
-      }
-    }
-    this.watch(watchFd);
-    const ev = this.events!;
-    for (;;) {
-      // used_event was set to lastUsed at the last reap; re-check after it is in place,
-      // since the device may have published just before reading it (§2.7.10).
-      if (this.pending() > 0) return "used";
-      const left = deadline - now();
-      if (left <= 0) return "timeout";
-      const n = ev.wait(this.ep, Math.ceil(left));
-      let sock = false;
-      for (let i = 0; i < n; i++) {
-        if (ev.data(i) === 1) sock = true;
-        else if (sys.eventfdRead(this.callFd) !== null) this.calls++;
-      }
-      if (this.pending() > 0) return "used";
-      if (sock) return "socket";
-    }
-  }
-
-  private watch(fd: number): void {
-    if (this.ep < 0) {
-      this.ep = sys.epollCreate();
-      this.events = new sys.EpollEvents(4);
-      sys.epollCtl(this.ep, EPOLL_CTL_ADD, this.callFd, EPOLLIN, 0);
-    }
-    if (fd === this.watched) return;
-    if (this.watched >= 0) {
-      try {
-        sys.epollCtl(this.ep, EPOLL_CTL_DEL, this.watched, 0, 1);
-      } catch {
-        // already closed: epoll dropped it by itself
-      }
-    }
-    this.watched = fd;
-    if (fd >= 0) sys.epollCtl(this.ep, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, 1);
+    return this.waiter.wait(timeoutMs, watchFd);
   }
 
   /** Closes the eventfds (the back-end keeps its own copies). The rings stay in `ram`. */
@@ -565,7 +510,6 @@ export class SplitDriver implements VirtqDriver {
     this.closed = true;
     sys.closeQuiet(this.kickFd);
     sys.closeQuiet(this.callFd);
-    if (this.ep >= 0) sys.closeQuiet(this.ep);
-    this.events?.mem.free();
+    this.waiter.close();
   }
 }
