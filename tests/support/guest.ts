@@ -40,6 +40,9 @@ export interface GuestOptions {
   memMiB?: number;
   /** RAM in KiB, wins over memMiB (migration needs N MiB + 8 KiB; see QemuOptions). */
   memKiB?: number;
+  /** Memory hotplug slots and ceiling (`-m SIZE,slots=N,maxmem=M`; see QemuOptions). */
+  memSlots?: number;
+  maxMemMiB?: number;
   /** Added to the kernel command line. */
   append?: string;
   /** Serial console on a unix socket at this path instead of QEMU's stdio. */
@@ -83,6 +86,8 @@ export class Guest {
       smp: o.smp ?? 1,
       memMiB: o.memMiB ?? 256,
       memKiB: o.memKiB,
+      memSlots: o.memSlots,
+      maxMemMiB: o.maxMemMiB,
       blk: o.blk,
       console: o.console,
       qmp: o.qmp,
@@ -104,7 +109,8 @@ export class Guest {
   /** Every RESULT line so far, in order. */
   results(): Result[] {
     const out: Result[] = [];
-    for (const m of this.qemu.output.matchAll(/^RESULT: (\S+) ?(.*?)\r?$/gm)) out.push({ key: m[1]!, value: m[2]! });
+    // Whole lines only: a line still arriving would give a cut-off value.
+    for (const m of this.qemu.output.matchAll(/^RESULT: (\S+) ?(.*?)\r?\n/gm)) out.push({ key: m[1]!, value: m[2]! });
     return out;
   }
 
@@ -115,7 +121,7 @@ export class Guest {
 
   /** Waits for a RESULT line with `key` and returns its value; throws on FAIL, timeout or QEMU exit. */
   async waitResult(key: string, timeoutMs: number): Promise<string> {
-    const re = new RegExp(`^RESULT: (?:${key}|FAIL)\\b ?(.*?)\\r?$`, "m");
+    const re = new RegExp(`^RESULT: (?:${key}|FAIL)\\b ?(.*?)\\r?\\n`, "m");
     const m = await this.qemu.waitFor(re, timeoutMs);
     this.check();
     const v = this.result(key);
@@ -141,7 +147,7 @@ export class Guest {
    * results as a map (last value per key). Throws on anything else.
    */
   async finish(timeoutMs: number): Promise<Map<string, string>> {
-    await this.qemu.waitFor(/^RESULT: END (\d+)/m, timeoutMs);
+    await this.qemu.waitFor(/^RESULT: END (\d+)\r?\n/m, timeoutMs);
     this.check();
     const end = this.result("END");
     if (end !== "0") throw new Error(`guest: test script exited with status ${end}\n${this.qemu.describe()}`);

@@ -37,6 +37,9 @@ export interface QemuOptions {
    * after a dirty sync can be lost (a TCG dirty-bitmap bug fixed upstream).
    */
   memKiB?: number;
+  /** Memory hotplug: `-m SIZE,slots=N,maxmem=M` (pc-dimm devices added later through QMP). */
+  memSlots?: number;
+  maxMemMiB?: number;
   smp?: number;
   blk?: VhostUserBlkOptions[];
   kernel?: string;
@@ -63,7 +66,8 @@ const onOff = (b: boolean) => (b ? "on" : "off");
 export function qemuArgs(o: QemuOptions): string[] {
   const mem = o.memKiB !== undefined ? `${o.memKiB}K` : `${o.memMiB ?? 256}M`;
   const a = [
-    "-machine", "q35,accel=tcg", "-m", mem, "-smp", String(o.smp ?? 1),
+    "-machine", "q35,accel=tcg", "-m", mem + (o.memSlots ? `,slots=${o.memSlots},maxmem=${o.maxMemMiB ?? 1024}M` : ""),
+    "-smp", String(o.smp ?? 1),
     "-object", `memory-backend-memfd,id=mem,size=${mem},share=on`, "-numa", "node,memdev=mem",
     "-display", "none", "-nodefaults", "-no-reboot",
   ];

@@ -22,6 +22,11 @@
  * is what the back-end sees. Notifications honour EVENT_IDX and NO_NOTIFY
  * as a real driver would, so a back-end that forgets to ask for kicks
  * stalls here as it would under Linux.
+ *
+ * With VIRTIO_F_RING_PACKED negotiated, `setupPackedQueue` programs a packed
+ * ring (§2.8) instead, driven by `PackedQueue` (wrap counters, buffer ids,
+ * indirect tables, both event suppression areas; see its comment).
+ * `BlkQueue` runs virtio-blk requests over either kind.
  */
 import type { Qtest } from "./qtest.ts";
 
@@ -52,7 +57,8 @@ export const VRING_DESC_F_NEXT = 1, VRING_DESC_F_WRITE = 2, VRING_DESC_F_INDIREC
 // Ring flags (§2.7.7, §2.7.10).
 export const VRING_AVAIL_F_NO_INTERRUPT = 1, VRING_USED_F_NO_NOTIFY = 1;
 
-export const VIRTIO_F_VERSION_1 = 32, VIRTIO_RING_F_INDIRECT_DESC = 28, VIRTIO_RING_F_EVENT_IDX = 29;
+export const VIRTIO_F_VERSION_1 = 32, VIRTIO_RING_F_INDIRECT_DESC = 28, VIRTIO_RING_F_EVENT_IDX = 29,
+  VIRTIO_F_RING_PACKED = 34;
 
 const bit = (n: number) => 1n << BigInt(n);
 const hex = (n: number | bigint) => `0x${n.toString(16)}`;
@@ -163,7 +169,7 @@ export class VirtioPciDevice {
   layout!: VirtioLayout;
   /** Features accepted by the last `negotiate`. */
   features = 0n;
-  readonly queues: SplitQueue[] = [];
+  readonly queues: Virtqueue[] = [];
 
   private constructor(readonly qt: Qtest, readonly pci: PciFunction) {}
 
@@ -287,6 +293,39 @@ export class VirtioPciDevice {
     return f;
   }
 
+  /**
+   * Selects queue `index` and programs a packed ring (§2.8) for it in `ram`;
+   * needs VIRTIO_F_RING_PACKED negotiated. Enabled, not yet started.
+   */
+  async setupPackedQueue(index: number, ram: GuestAlloc, o: SplitQueueOptions = {}): Promise<PackedQueue> {
+    if (!(this.features & bit(VIRTIO_F_RING_PACKED))) throw new VirtioPciError(`${this.pci}: RING_PACKED not negotiated`);
+    const c = this.layout.common;
+    await this.qt.writew(c + COMMON_Q_SELECT, index);
+    const max = await this.qt.readw(c + COMMON_Q_SIZE);
+    if (max === 0) throw new VirtioPciError(`${this.pci}: queue ${index} does not exist`);
+    // §2.8.10.1: a packed ring's size need not be a power of 2.
+    const size = o.size ?? max;
+    if (size < 1 || size > max) throw new VirtioPciError(`${this.pci}: queue ${index}: size ${size} (max ${max})`);
+    const indirectMax = this.features & bit(VIRTIO_RING_F_INDIRECT_DESC) ? (o.indirectMax ?? 0) : 0;
+    // §2.8.10.1: descriptors 16-aligned, the two event suppression areas 4-aligned.
+    const desc = ram.alloc(16 * size, 4096), driver = ram.alloc(4, 64), device = ram.alloc(4, 64);
+    const indirect = indirectMax ? ram.alloc(16 * indirectMax * size, 4096) : 0;
+    await this.qt.memset(desc, 16 * size, 0);
+    await this.qt.memset(driver, 4, 0);
+    await this.qt.memset(device, 4, 0);
+    await this.qt.writew(c + COMMON_Q_SIZE, size);
+    await this.qt.writeq(c + COMMON_Q_DESC, BigInt(desc));
+    await this.qt.writeq(c + COMMON_Q_AVAIL, BigInt(driver));
+    await this.qt.writeq(c + COMMON_Q_USED, BigInt(device));
+    const noff = await this.qt.readw(c + COMMON_Q_NOFF);
+    await this.qt.writew(c + COMMON_Q_ENABLE, 1);
+    const notify = this.layout.notify + noff * this.layout.notifyMultiplier;
+    const eventIdx = (this.features & bit(VIRTIO_RING_F_EVENT_IDX)) !== 0n;
+    const q = new PackedQueue(this.qt, index, size, desc, driver, device, notify, indirect, indirectMax, eventIdx);
+    this.queues[index] = q;
+    return q;
+  }
+
   /** Selects queue `index` and programs a split ring for it in `ram`; the queue is enabled, not yet started. */
   async setupQueue(index: number, ram: GuestAlloc, o: SplitQueueOptions = {}): Promise<SplitQueue> {
     const c = this.layout.common;
@@ -359,7 +398,7 @@ export interface UsedElem {
 }
 
 /** The driver side of one split virtqueue in guest RAM, over qtest. */
-export class SplitQueue {
+export class SplitQueue implements Virtqueue {
   /** Free descriptor indexes; a chain takes from the end. */
   private readonly free: number[] = [];
   /** Descriptor indexes held by each in-flight head (the head itself first). */
@@ -578,6 +617,330 @@ export class SplitQueue {
   }
 }
 
+/** What BlkQueue needs from a ring, split or packed. */
+export interface Virtqueue {
+  readonly qt: Qtest;
+  readonly index: number;
+  readonly size: number;
+  /** Makes `bufs` available as one buffer (no notification); returns its id (split: head index). */
+  add(bufs: VirtqBuffer[], o?: { indirect?: boolean }): Promise<number>;
+  /** Notifies the device unless it asked not to be (or `force`); returns whether it did. */
+  kick(o?: { force?: boolean }): Promise<boolean>;
+  /** Polls until buffer `id` has been used; returns its used length. */
+  waitFor(id: number, timeoutMs?: number): Promise<number>;
+}
+
+// Packed ring descriptor flags (§2.8.1) and event suppression flags (§2.8.10).
+export const VRING_PACKED_DESC_F_AVAIL = 1 << 7, VRING_PACKED_DESC_F_USED = 1 << 15;
+export const VRING_PACKED_EVENT_FLAG_ENABLE = 0, VRING_PACKED_EVENT_FLAG_DISABLE = 1, VRING_PACKED_EVENT_FLAG_DESC = 2;
+
+/** One packed descriptor: addr, len, buffer id, flags (§2.8.13). */
+function encodePackedDesc(out: DataView, at: number, addr: number, len: number, id: number, flags: number): void {
+  out.setUint32(at, addr % 2 ** 32, true);
+  out.setUint32(at + 4, Math.floor(addr / 2 ** 32), true);
+  out.setUint32(at + 8, len, true);
+  out.setUint16(at + 12, id, true);
+  out.setUint16(at + 14, flags, true);
+}
+
+/**
+ * The driver side of one packed virtqueue (VIRTIO 1.2 §2.8) in guest RAM,
+ * over qtest. One ring of descriptors serves both directions: the driver
+ * marks a descriptor available by setting AVAIL to its wrap counter and USED
+ * to the inverse; the device writes one used descriptor per buffer (id, len,
+ * AVAIL = USED = its wrap counter) at its own next position, which moves on
+ * by the number of descriptors the buffer took. Buffer ids are ours (a free
+ * list of 0..size-1), so completions may come in any order. A chain's head
+ * flags are stored last (§2.8.21.1), in a separate 16-bit write, so the
+ * device never sees a head before the rest of its chain. Event suppression:
+ * the device area's flags (ENABLE, DISABLE, or DESC with EVENT_IDX) decide
+ * kicks as Linux's virtqueue_kick_prepare_packed does; the driver area is
+ * left at ENABLE (0) unless a test changes it.
+ */
+export class PackedQueue implements Virtqueue {
+  private readonly freeIds: number[] = [];
+  /** Descriptors (ring slots) each in-flight buffer id takes. */
+  private readonly slots = new Map<number, number>();
+  private slotsInFlight = 0;
+  private nextAvail = 0;
+  private availWrap = 1;
+  private nextUsed = 0;
+  private usedWrap = 1;
+  /** Descriptors made available in all, and that count at the last kick decision. */
+  private availCount = 0;
+  private kickedCount = 0;
+  kicks = 0;
+  suppressed = 0;
+  private readonly done = new Map<number, number>();
+
+  constructor(readonly qt: Qtest, readonly index: number, readonly size: number, readonly desc: number,
+    readonly driverArea: number, readonly deviceArea: number, readonly notifyAddr: number,
+    private readonly indirect: number, readonly indirectMax: number, readonly eventIdx: boolean) {
+    for (let i = size - 1; i >= 0; i--) this.freeIds.push(i);
+  }
+
+  get inFlight(): number {
+    return this.slots.size;
+  }
+  /** The driver's next descriptor position and wrap counter (what SET_VRING_BASE carries in packed form). */
+  get availPosition(): { index: number; wrap: number } {
+    return { index: this.nextAvail, wrap: this.availWrap };
+  }
+  get usedPosition(): { index: number; wrap: number } {
+    return { index: this.nextUsed, wrap: this.usedWrap };
+  }
+
+  /** AVAIL/USED bits that mean "available" under driver wrap counter `wrap` (§2.8.1). */
+  private availFlags(wrap: number): number {
+    return wrap ? VRING_PACKED_DESC_F_AVAIL : VRING_PACKED_DESC_F_USED;
+  }
+
+  /**
+   * Encodes the ring slots for `bufs` starting at the driver's position (the
+   * head's flags included), and advances the position. Returns the bytes of
+   * each contiguous run of slots and the head's flags.
+   */
+  private layChain(id: number, bufs: VirtqBuffer[], indirect: boolean): { runs: { at: number; bytes: Uint8Array }[]; headFlags: number; headAt: number } {
+    const n = indirect ? 1 : bufs.length;
+    const runs: { at: number; bytes: Uint8Array }[] = [];
+    const headAt = this.nextAvail;
+    let runStart = this.nextAvail, headFlags = 0;
+    let runBytes: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const d = new Uint8Array(16);
+      const dv = new DataView(d.buffer);
+      let flags = this.availFlags(this.availWrap);
+      if (indirect) {
+        flags |= VRING_DESC_F_INDIRECT;
+        encodePackedDesc(dv, 0, this.indirect + id * 16 * this.indirectMax, 16 * bufs.length, id, flags);
+      } else {
+        const b = bufs[i]!;
+        flags |= (b.write ? VRING_DESC_F_WRITE : 0) | (i < n - 1 ? VRING_DESC_F_NEXT : 0);
+        encodePackedDesc(dv, 0, b.addr, b.len, id, flags);
+      }
+      if (i === 0) headFlags = flags;
+      runBytes.push(...d);
+      if (++this.nextAvail === this.size) {
+        // The ring wraps: the rest of the chain goes at slot 0 with the other wrap counter.
+        runs.push({ at: this.desc + 16 * runStart, bytes: Uint8Array.from(runBytes) });
+        runBytes = [];
+        runStart = 0;
+        this.nextAvail = 0;
+        this.availWrap ^= 1;
+      }
+    }
+    if (runBytes.length) runs.push({ at: this.desc + 16 * runStart, bytes: Uint8Array.from(runBytes) });
+    this.availCount += n;
+    return { runs, headFlags, headAt };
+  }
+
+  async add(bufs: VirtqBuffer[], o: { indirect?: boolean } = {}): Promise<number> {
+    if (bufs.length === 0) throw new VirtioPciError(`queue ${this.index}: empty chain`);
+    const indirect = o.indirect ?? false;
+    if (indirect && bufs.length > this.indirectMax) {
+      throw new VirtioPciError(`queue ${this.index}: ${bufs.length} buffers, indirect tables hold ${this.indirectMax}`);
+    }
+    const n = indirect ? 1 : bufs.length;
+    if (this.freeIds.length === 0 || this.slotsInFlight + n > this.size) throw new VirtioPciError(`queue ${this.index}: ring full`);
+    const id = this.freeIds.pop()!;
+    if (indirect) {
+      // §2.8.19: an indirect table holds packed descriptors in order; only WRITE counts in their flags.
+      const t = new Uint8Array(16 * bufs.length);
+      const dv = new DataView(t.buffer);
+      bufs.forEach((b, i) => encodePackedDesc(dv, 16 * i, b.addr, b.len, 0, b.write ? VRING_DESC_F_WRITE : 0));
+      await this.qt.memwrite(this.indirect + id * 16 * this.indirectMax, t);
+    }
+    const { runs, headFlags, headAt } = this.layChain(id, bufs, indirect);
+    // Everything but the head's flags first, then those flags: the device sees a whole chain or none.
+    const headAddr = this.desc + 16 * headAt;
+    for (const r of runs) {
+      if (r.at !== headAddr) {
+        await this.qt.memwrite(r.at, r.bytes);
+        continue;
+      }
+      await this.qt.memwrite(r.at, r.bytes.subarray(0, 14));
+      if (r.bytes.length > 16) await this.qt.memwrite(r.at + 16, r.bytes.subarray(16));
+    }
+    await this.qt.writew(headAddr + 14, headFlags);
+    this.slots.set(id, n);
+    this.slotsInFlight += n;
+    return id;
+  }
+
+  /** The device's event suppression area: [off_wrap, flags]. */
+  async deviceEvent(): Promise<{ offWrap: number; flags: number }> {
+    const v = await this.qt.readl(this.deviceArea);
+    return { offWrap: v & 0xffff, flags: v >>> 16 };
+  }
+  /** The driver's event suppression area (flags ENABLE, DISABLE, or DESC with `offWrap` under EVENT_IDX). */
+  async setDriverEvent(flags: number, offWrap = 0): Promise<void> {
+    await this.qt.writel(this.driverArea, ((flags << 16) | (offWrap & 0xffff)) >>> 0);
+  }
+
+  async kick(o: { force?: boolean } = {}): Promise<boolean> {
+    const added = this.availCount - this.kickedCount;
+    this.kickedCount = this.availCount;
+    if (!o.force) {
+      const ev = await this.deviceEvent();
+      let need: boolean;
+      if (ev.flags === VRING_PACKED_EVENT_FLAG_DESC && this.eventIdx) {
+        // As Linux's virtqueue_kick_prepare_packed: an offset from the other lap counts one ring earlier.
+        let event = ev.offWrap & 0x7fff;
+        if (ev.offWrap >>> 15 !== this.availWrap) event -= this.size;
+        const now = this.nextAvail;
+        need = needEvent(event & 0xffff, now, (now - added) & 0xffff);
+      } else {
+        need = ev.flags !== VRING_PACKED_EVENT_FLAG_DISABLE;
+      }
+      if (!need) {
+        this.suppressed++;
+        return false;
+      }
+    }
+    await this.qt.writew(this.notifyAddr, this.index);
+    this.kicks++;
+    return true;
+  }
+
+  private isUsed(flags: number, wrap: number): boolean {
+    const a = (flags & VRING_PACKED_DESC_F_AVAIL) !== 0, u = (flags & VRING_PACKED_DESC_F_USED) !== 0;
+    return a === u && u === (wrap === 1);
+  }
+
+  /** Reads the used descriptors the device has written since the last call, frees their ids and returns them. */
+  async reap(): Promise<UsedElem[]> {
+    if (this.slots.size === 0) return [];
+    const ring = await this.qt.memread(this.desc, 16 * this.size);
+    let dv = new DataView(ring.buffer, ring.byteOffset, ring.byteLength);
+    // Walk the snapshot for used flags; then read those descriptors again, since a snapshot may have
+    // caught a descriptor's flags after the device stored them but its id and len from before.
+    let pos = this.nextUsed, wrap = this.usedWrap, found = 0;
+    const seen: number[] = [];
+    while (found < this.slots.size && this.isUsed(dv.getUint16(16 * pos + 14, true), wrap)) {
+      seen.push(pos);
+      const id = dv.getUint16(16 * pos + 12, true);
+      const n = this.slots.get(id) ?? 1;
+      found++;
+      pos += n;
+      if (pos >= this.size) pos -= this.size, wrap ^= 1;
+    }
+    if (found === 0) return [];
+    const again = await this.qt.memread(this.desc, 16 * this.size);
+    dv = new DataView(again.buffer, again.byteOffset, again.byteLength);
+    const out: UsedElem[] = [];
+    for (const p of seen) {
+      const id = dv.getUint16(16 * p + 12, true), len = dv.getUint32(16 * p + 8, true);
+      const n = this.slots.get(id);
+      if (n === undefined) throw new VirtioPciError(`queue ${this.index}: used id ${id} at slot ${p} is not a buffer in flight`);
+      if (!this.isUsed(dv.getUint16(16 * p + 14, true), this.usedWrap)) {
+        throw new VirtioPciError(`queue ${this.index}: used descriptor at slot ${p} changed under the driver`);
+      }
+      this.slots.delete(id);
+      this.slotsInFlight -= n;
+      this.freeIds.push(id);
+      this.nextUsed += n;
+      if (this.nextUsed >= this.size) this.nextUsed -= this.size, this.usedWrap ^= 1;
+      this.done.set(id, len);
+      out.push({ id, len });
+    }
+    return out;
+  }
+
+  async waitFor(id: number, timeoutMs = 5000): Promise<number> {
+    const deadline = Date.now() + timeoutMs;
+    for (let spins = 0; ; spins++) {
+      const len = this.done.get(id);
+      if (len !== undefined) {
+        this.done.delete(id);
+        return len;
+      }
+      if (Date.now() > deadline) {
+        throw new VirtioPciError(
+          `queue ${this.index}: buffer ${id} not used within ${timeoutMs} ms (next avail ${this.nextAvail}/${this.availWrap}, next used ${this.nextUsed}/${this.usedWrap}, ${this.slots.size} in flight)`,
+        );
+      }
+      await this.reap();
+      if (spins > 20 && !this.done.has(id)) await Bun.sleep(1);
+    }
+  }
+
+  /**
+   * `count` buffers of one fixed shape, a ring's worth per batch: each batch
+   * is written with at most three qtest writes (its first head's flags last),
+   * kicked, and complete when the used descriptor at the batch's last chain
+   * position appears (the device fills positions in order). Cheap enough
+   * for thousands of requests across many wraps. The device writes into the
+   * same buffers every time (use FLUSH or GET_ID). Needs an idle queue;
+   * returns the used descriptors of the last batch.
+   */
+  async flood(bufs: VirtqBuffer[], count: number, o: { indirect?: boolean; timeoutMs?: number } = {}): Promise<UsedElem[]> {
+    if (this.slots.size) throw new VirtioPciError(`queue ${this.index}: flood needs an idle queue (${this.slots.size} in flight)`);
+    const indirect = o.indirect ?? false;
+    const per = indirect ? 1 : bufs.length;
+    const chains = Math.min(Math.floor(this.size / per), this.freeIds.length);
+    if (chains === 0) throw new VirtioPciError(`queue ${this.index}: a chain of ${per} does not fit a ring of ${this.size}`);
+    if (indirect) {
+      const t = new Uint8Array(16 * bufs.length);
+      const dv = new DataView(t.buffer);
+      bufs.forEach((b, i) => encodePackedDesc(dv, 16 * i, b.addr, b.len, 0, b.write ? VRING_DESC_F_WRITE : 0));
+      for (let id = 0; id < chains; id++) await this.qt.memwrite(this.indirect + id * 16 * this.indirectMax, t);
+    }
+    let last: UsedElem[] = [];
+    for (let done = 0; done < count;) {
+      const n = Math.min(chains, count - done);
+      const ring = new Uint8Array(16 * this.size);
+      const dv = new DataView(ring.buffer);
+      const start = this.nextAvail, startWrap = this.availWrap;
+      let firstFlags = 0, lastHead = 0, lastWrap = 0;
+      for (let c = 0; c < n; c++) {
+        lastHead = this.nextAvail;
+        lastWrap = this.availWrap;
+        for (let i = 0; i < per; i++) {
+          let flags = this.availFlags(this.availWrap);
+          if (indirect) {
+            flags |= VRING_DESC_F_INDIRECT;
+            encodePackedDesc(dv, 16 * this.nextAvail, this.indirect + c * 16 * this.indirectMax, 16 * bufs.length, c, flags);
+          } else {
+            const b = bufs[i]!;
+            flags |= (b.write ? VRING_DESC_F_WRITE : 0) | (i < per - 1 ? VRING_DESC_F_NEXT : 0);
+            encodePackedDesc(dv, 16 * this.nextAvail, b.addr, b.len, c, flags);
+          }
+          if (c === 0 && i === 0) firstFlags = flags;
+          if (++this.nextAvail === this.size) this.nextAvail = 0, this.availWrap ^= 1;
+        }
+      }
+      // The first head stays unavailable until the rest is written: the bits the slot has from the last
+      // lap (used, other wrap) or from the memset (0) never read as available with this lap's counter.
+      dv.setUint16(16 * start + 14, startWrap ? 0 : VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED, true);
+      const total = n * per;
+      const tail = Math.min(total, this.size - start);
+      await this.qt.memwrite(this.desc + 16 * start, ring.subarray(16 * start, 16 * (start + tail)));
+      if (total > tail) await this.qt.memwrite(this.desc, ring.subarray(0, 16 * (total - tail)));
+      await this.qt.writew(this.desc + 16 * start + 14, firstFlags);
+      this.availCount += total;
+      await this.kick();
+      const deadline = Date.now() + (o.timeoutMs ?? 5000);
+      while (!this.isUsed(await this.qt.readw(this.desc + 16 * lastHead + 14), lastWrap)) {
+        if (Date.now() > deadline) {
+          throw new VirtioPciError(`queue ${this.index}: flood stalled: slot ${lastHead} not used (${done} done, batch of ${n})`);
+        }
+      }
+      if (done + n >= count) {
+        const raw = await this.qt.memread(this.desc, 16 * this.size);
+        const rv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
+        last = [];
+        for (let c = 0, p = start; c < n; c++, p = (p + per) % this.size) {
+          last.push({ id: rv.getUint16(16 * p + 12, true), len: rv.getUint32(16 * p + 8, true) });
+        }
+      }
+      this.nextUsed = this.nextAvail;
+      this.usedWrap = this.availWrap;
+      done += n;
+    }
+    return last;
+  }
+}
+
 /**
  * §2.7.10's vring_need_event: has moving an index from `oldIdx` to `newIdx` passed `event`?
  * @example needEvent(0, 1, 0) // true: the first entry after a fresh start
@@ -655,11 +1018,11 @@ function split(addr: number, len: number, pieces: number, write: boolean): Virtq
  * virtio-blk requests over one queue: header, payload and status in guest
  * RAM from `ram` (released when nothing is in flight any more).
  */
-export class BlkQueue {
+export class BlkQueue<Q extends Virtqueue = SplitQueue> {
   private readonly pending = new Map<number, BlkPending>();
   private readonly base: number;
 
-  constructor(readonly vq: SplitQueue, private readonly ram: GuestAlloc) {
+  constructor(readonly vq: Q, private readonly ram: GuestAlloc) {
     this.base = ram.mark();
   }
 
