@@ -2,7 +2,8 @@
  * bunvhost: a vhost-user-blk back-end.
  *
  *   bun run server.ts [--socket PATH] [--image FILE | --size SIZE | --null SIZE] [--readonly]
- *                     [--direct] [--queues N] [--queue-size N] [--serial ID] [--trace]
+ *                     [--direct] [--aio uring|sync] [--queues N] [--queue-size N] [--threads N]
+ *                     [--poll-us N] [--serial ID] [--trace]
  *                     [--log-level debug|info|warn|error]
  */
 import { parseArgs } from "node:util";
@@ -12,6 +13,8 @@ import { shareBacking, type BackingSpec } from "./src/devices/blk_backing.ts";
 import { stderrLogger, type Level } from "./src/device/log.ts";
 import { VuServer } from "./src/server/vu_server.ts";
 import { IoThread } from "./src/server/io_thread.ts";
+import { MainLoop } from "./src/server/event_loop.ts";
+import { uringUnavailable } from "./src/io/uring.ts";
 import { ControlSocket } from "./src/server/control.ts";
 
 const USAGE = `usage: bun run server.ts [options]
@@ -21,10 +24,14 @@ const USAGE = `usage: bun run server.ts [options]
   --null SIZE          serve a null disk of SIZE (reads leave buffers, writes are dropped)
   --readonly           refuse writes (VIRTIO_BLK_F_RO)
   --direct             open --image with O_DIRECT
+  --aio uring|sync     how --image is read and written: io_uring, many requests in flight per queue
+                       without blocking the loop (default), or synchronous syscalls
   --queues N           number of virtqueues (default 1)
   --queue-size N       largest queue size accepted, a power of 2 (default 1024)
   --threads N          I/O threads serving the queues (default 1; 0: Bun's main loop)
   --queue-map LIST     explicit queue→thread map, e.g. 0:0,1:1,2:main (default: round robin)
+  --poll-us N          I/O threads keep polling their rings (and io_uring) for up to N µs after
+                       work before sleeping: lower latency, more CPU (default 0: off)
   --control PATH       line-based control socket: "stats", "move QUEUE THREAD|main", "resize"
   --serial ID          GET_ID string, at most 20 bytes (default "bunvhost")
   --trace              log every vhost-user message both ways
@@ -70,6 +77,7 @@ async function main(): Promise<void> {
         socket: { type: "string", default: "./vhost-user-blk.sock" },
         image: { type: "string" }, size: { type: "string" }, null: { type: "string" },
         readonly: { type: "boolean", default: false }, direct: { type: "boolean", default: false },
+        aio: { type: "string" }, "poll-us": { type: "string", default: "0" },
         queues: { type: "string", default: "1" }, "queue-size": { type: "string", default: "1024" },
         serial: { type: "string", default: "bunvhost" }, trace: { type: "boolean", default: false },
         threads: { type: "string", default: "1" }, "queue-map": { type: "string" }, control: { type: "string" },
@@ -94,6 +102,9 @@ async function main(): Promise<void> {
   if (queueSize & (queueSize - 1)) usage("--queue-size must be a power of 2");
   if (new TextEncoder().encode(args.serial!).length > 20) usage("--serial must be at most 20 bytes");
   if (args.direct && !args.image) usage("--direct needs --image");
+  if (args.aio !== undefined && !args.image) usage("--aio needs --image");
+  if (args.aio !== undefined && args.aio !== "uring" && args.aio !== "sync") usage("--aio must be uring or sync");
+  const pollUs = parseIntArg("poll-us", args["poll-us"]!, 0, 1_000_000);
 
   const threads = parseIntArg("threads", args.threads!, 0, 64);
   const queueThread = Array.from({ length: queues }, (_, i) => (threads > 0 ? i % threads : -1));
@@ -109,8 +120,14 @@ async function main(): Promise<void> {
   }
 
   const log = stderrLogger(level);
+  let aio = (args.aio ?? "uring") as "uring" | "sync";
+  const noUring = args.image && aio === "uring" ? uringUnavailable() : null;
+  if (noUring !== null) {
+    log.warn(`io_uring unavailable (${noUring}); --image uses synchronous I/O`);
+    aio = "sync";
+  }
   let backing: BackingSpec;
-  if (args.image) backing = { kind: "file", path: resolve(args.image), readonly: args.readonly || undefined, direct: args.direct };
+  if (args.image) backing = { kind: "file", path: resolve(args.image), readonly: args.readonly || undefined, direct: args.direct, aio };
   else if (args.null) backing = { kind: "null", size: sizeArg(args.null) };
   else backing = { kind: "ram", size: sizeArg(args.size ?? "256M") };
   const spec: BlkSpec = { backing: threads > 0 ? shareBacking(backing) : backing, readonly: args.readonly, queues, queueSize, serial: args.serial };
@@ -123,7 +140,7 @@ async function main(): Promise<void> {
   }
   const pool: IoThread[] = [];
   for (let i = 0; i < threads; i++) {
-    pool.push(new IoThread(`io${i}`, { module: new URL("./src/devices/blk.ts", import.meta.url).href, options: spec }, { logLevel: level }));
+    pool.push(new IoThread(`io${i}`, { module: new URL("./src/devices/blk.ts", import.meta.url).href, options: spec }, { logLevel: level, pollUs }));
   }
   try {
     await Promise.all(pool.map((t) => t.ready));
@@ -132,7 +149,10 @@ async function main(): Promise<void> {
     process.exit(1);
   }
   const socketPath = resolve(args.socket!);
-  const server = new VuServer({ socketPath, device, log, trace: args.trace, threads: pool, queueThread });
+  // The main thread's device instance serves the queues on Bun's loop (--threads 0, --queue-map N:main, moves).
+  const loop = new MainLoop();
+  device.attach?.(loop);
+  const server = new VuServer({ socketPath, device, log, trace: args.trace, threads: pool, queueThread, loop });
   let control: ControlSocket | null = null;
   try {
     server.start();
@@ -142,7 +162,7 @@ async function main(): Promise<void> {
     process.exit(1);
   }
   const backingSize = backing.kind === "file" ? 0 : backing.size;
-  const what = args.image ? `image ${args.image}` : args.null ? `null disk of ${backingSize} bytes` : `RAM disk of ${backingSize} bytes`;
+  const what = args.image ? `image ${args.image}${aio === "uring" ? " on io_uring" : ""}` : args.null ? `null disk of ${backingSize} bytes` : `RAM disk of ${backingSize} bytes`;
   const where = threads === 0 ? "main loop" : `${threads} I/O thread${threads > 1 ? "s" : ""}`;
   process.stdout.write(
     `bunvhost: vhost-user-blk (${what}${args.readonly ? ", read-only" : ""}, ${queues} queue${queues > 1 ? "s" : ""} on ${where}) listening on ${socketPath}; ` +

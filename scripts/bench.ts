@@ -8,7 +8,8 @@
  * Theory of operation. A configuration is a backing (null, or a file on
  * tmpfs), a queue count, a queue depth per queue and a CPU placement. For
  * each run index the back-ends are started in turn (bunvhost, bunvhost on
- * the main loop, qsd, qsd with an iothread; then again), each as a fresh
+ * the main loop, qsd, qsd with an iothread; for file rows also bunvhost
+ * with --aio sync and qsd with aio=io_uring; then again), each as a fresh
  * process, and driven from this process: the driver keeps `depth` reads in
  * flight on every queue, sleeping on the call eventfds (interrupt mode, as a
  * guest does) unless --polling. After a warm-up, one measured interval counts
@@ -143,6 +144,16 @@ if (HAS_THREADS) {
   VARIANTS.splice(1, 0, { name: "bunvhost main loop", argv: bunvhostArgv(["--threads", "0"]) });
   VARIANTS.splice(2, 0, { name: "bunvhost 2 threads", argv: bunvhostArgv(["--threads", "2"]), only: (c) => c.queues === 2 });
 }
+// File rows: a server with --aio runs --image on io_uring by default; its synchronous path is measured beside it,
+// and qsd on io_uring (aio=io_uring on its file blockdev) beside qsd's default thread pool.
+const HAS_AIO = serverHelp.includes("--aio");
+const fileOnly = (c: Config) => c.backing === "file";
+if (HAS_AIO) VARIANTS.push({ name: "bunvhost aio=sync", argv: bunvhostArgv(["--aio", "sync"]), only: fileOnly });
+VARIANTS.push({
+  name: "qsd aio=io_uring",
+  only: fileOnly,
+  argv: (socket, c, image) => [QSD, "--blockdev", `${qsdBlockdev(c, image)},aio=io_uring`, "--export", exportOpts(socket, "n", c, false)],
+});
 
 interface Running { pid: number; dir: string; socket: string; log: string; done: Promise<unknown> }
 
@@ -693,7 +704,8 @@ function report(ceiling: Map<string, Sample[]>, prof: Awaited<ReturnType<typeof 
       : "--quick runs nothing again. ") + "The summary shows the median of that load per configuration.");
   L.push(`- Null backings: bunvhost \`--null 1G\` (reads leave the guest buffer as it is) against qsd \`null-co\` with \`read-zeroes=off\` ` +
     `(the same: no data touched). File: a 1 GiB image on tmpfs (/dev/shm, allocated with \`fallocate\`), page-cache reads for both ` +
-    `(tmpfs has no O_DIRECT; qsd's default \`aio=threads\`).`);
+    `(tmpfs has no O_DIRECT). bunvhost: io_uring${HAS_AIO ? " (its default \`--aio uring\`; \`bunvhost aio=sync\`: synchronous preadv/pwritev)" : ""}; ` +
+    `qsd: its default \`aio=threads\`, and \`qsd aio=io_uring\`.`);
   L.push("");
   L.push("Command lines (`$SOCK` a fresh socket under /dev/shm, `$IMG` the image; run from the repository root; each prefixed " +
     "with `taskset -c 1`, or `taskset -c 0` for one CPU, and this process moved with `taskset -a -p -c 0 PID`):");

@@ -10,7 +10,8 @@ import { EACCES, EINVAL, ENOSYS, EOPNOTSUPP, EPERM, ErrnoError } from "../../ffi
 import {
   FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, O_DIRECT, O_RDONLY, O_RDWR,
 } from "../../ffi/constants.ts";
-import type { ChainReader, ChainWriter } from "../device/api.ts";
+import type { ChainReader, ChainWriter, EventLoop } from "../device/api.ts";
+import { Uring, uringUnavailable, type UringDone } from "../io/uring.ts";
 
 /** Storage behind a block device; offsets and lengths are bytes, already bounds-checked by the device. */
 export interface Backing {
@@ -27,6 +28,22 @@ export interface Backing {
   write(src: ChainReader, pos: number, len: number): void;
   /** Makes completed writes durable. */
   flush(): void;
+  /**
+   * Asynchronous I/O (optional; file backings with `aio: "uring"` once
+   * attached). Each starts the operation and returns true, consuming the
+   * cursor's `len` bytes at once (the data moves later), then calls
+   * `done(tag, res)` from the loop: `res` is the bytes moved (`len` when all
+   * went well; a flush gives 0) or -errno. False: not started (no ring, ring
+   * full, too many pieces, O_DIRECT needing a bounce): use the synchronous call.
+   */
+  readAsync?(out: ChainWriter, pos: number, len: number, tag: unknown, done: UringDone): boolean;
+  /** As readAsync; with `sync` the data is also made durable (fdatasync) before `done`. */
+  writeAsync?(src: ChainReader, pos: number, len: number, sync: boolean, tag: unknown, done: UringDone): boolean;
+  flushAsync?(tag: unknown, done: UringDone): boolean;
+  /** The loop of the thread this backing serves on (see Device.attach): the asynchronous calls work from then on. */
+  attach?(loop: EventLoop): void;
+  /** Completes asynchronous operations that finished, without waiting for the loop's event; true if any. */
+  poll?(): boolean;
   /** May deallocate the range; its contents are undefined afterwards. */
   discard(pos: number, len: number): void;
   /** The range reads back as zeroes afterwards; `unmap` allows deallocating it. */
@@ -49,6 +66,19 @@ export class BlkBackingError extends Error {
 
 const SECTOR = 512;
 const EROFS = 30;
+/**
+ * O_DIRECT transfers go through io_uring only when buffers, offset and length
+ * are 4 KiB-aligned, which any logical block size up to 4 KiB accepts; the rest
+ * take the synchronous path, which bounces what the device refuses.
+ */
+const DIRECT_ASYNC_ALIGN = 4096;
+/** SQ entries per thread's ring (the CQ, and the ops in flight, twice as many). */
+const URING_ENTRIES = 256;
+/** iovecs per op: a chain of seg_max (126) pieces fits; more go the synchronous way. */
+const URING_IOV_PER_OP = 128;
+
+/** How a file backing does its I/O: io_uring (once attached to a loop) or synchronous syscalls. */
+export type Aio = "uring" | "sync";
 /** Bounce and zero buffer size: a multiple of any logical block size, so O_DIRECT accepts every chunk. */
 const BOUNCE_SIZE = 1 << 20;
 
@@ -77,13 +107,96 @@ function aligned(c: ChainReader | ChainWriter, len: number, align: number): bool
   return true;
 }
 
+/** Fills op `op`'s iovecs with the `len` bytes after the cursor; -1 when they need more iovecs than an op holds. */
+function iovFrom(ring: Uring, op: number, c: ChainReader | ChainWriter, len: number): number {
+  const p = c.pieces;
+  let skip = c.pos, left = len, cnt = 0;
+  for (let i = 0; i < p.count && left > 0; i++) {
+    const l = p.len[i]!;
+    if (skip >= l) {
+      skip -= l;
+      continue;
+    }
+    if (cnt === ring.iovPerOp) return -1;
+    const take = Math.min(l - skip, left);
+    ring.iov(op, cnt++, p.host[i]! + skip, take);
+    left -= take;
+    skip = 0;
+  }
+  return cnt;
+}
+
 class FileBacking implements Backing {
   private fd: number;
   private bounceBuf: Pinned | null = null;
+  /** This thread's io_uring (null: synchronous I/O). */
+  ring: Uring | null = null;
 
   constructor(fd: number, readonly name: string, public size: number, readonly readonly: boolean,
-    private readonly direct: boolean) {
+    private readonly direct: boolean, private readonly aio: Aio) {
     this.fd = fd;
+  }
+
+  attach(loop: EventLoop): void {
+    if (this.aio !== "uring" || this.ring !== null || this.fd < 0) return;
+    const why = uringUnavailable();
+    if (why !== null) {
+      warnSyncOnce(why);
+      return;
+    }
+    try {
+      this.ring = Uring.create(loop, { entries: URING_ENTRIES, iovPerOp: URING_IOV_PER_OP });
+    } catch (e) {
+      warnSyncOnce((e as Error).message);
+    }
+  }
+
+  /** Whether an O_DIRECT transfer may go through the ring as it is (else the synchronous path bounces it). */
+  private directOk(c: ChainReader | ChainWriter, pos: number, len: number): boolean {
+    return pos % DIRECT_ASYNC_ALIGN === 0 && len % DIRECT_ASYNC_ALIGN === 0 && aligned(c, len, DIRECT_ASYNC_ALIGN);
+  }
+
+  readAsync(out: ChainWriter, pos: number, len: number, tag: unknown, done: UringDone): boolean {
+    const ring = this.ring;
+    if (ring === null || len === 0 || (this.direct && !this.directOk(out, pos, len))) return false;
+    const op = ring.acquire();
+    if (op < 0) return false;
+    const cnt = iovFrom(ring, op, out, len);
+    if (cnt < 0) {
+      ring.release(op);
+      return false;
+    }
+    out.skip(len);
+    ring.readv(op, this.fd, cnt, pos, len, tag, done);
+    return true;
+  }
+
+  writeAsync(src: ChainReader, pos: number, len: number, sync: boolean, tag: unknown, done: UringDone): boolean {
+    const ring = this.ring;
+    if (ring === null || len === 0 || this.readonly || (this.direct && !this.directOk(src, pos, len))) return false;
+    const op = ring.acquire();
+    if (op < 0) return false;
+    const cnt = iovFrom(ring, op, src, len);
+    if (cnt < 0) {
+      ring.release(op);
+      return false;
+    }
+    src.skip(len);
+    ring.writev(op, this.fd, cnt, pos, len, tag, done, sync);
+    return true;
+  }
+
+  poll(): boolean {
+    return this.ring !== null && this.ring.reap() > 0;
+  }
+
+  flushAsync(tag: unknown, done: UringDone): boolean {
+    const ring = this.ring;
+    if (ring === null) return false;
+    const op = ring.acquire();
+    if (op < 0) return false;
+    ring.fsync(op, this.fd, true, tag, done);
+    return true;
   }
 
   resync(): number {
@@ -196,6 +309,9 @@ class FileBacking implements Backing {
 
   close(): void {
     if (this.fd < 0) return;
+    // Waits for what is still in flight (nothing, once the rings are quiesced).
+    this.ring?.close();
+    this.ring = null;
     sys.close(this.fd);
     this.fd = -1;
     this.bounceBuf?.free();
@@ -203,14 +319,24 @@ class FileBacking implements Backing {
   }
 }
 
+let warnedSync = false;
+/** io_uring cannot be used: say so once per thread, then work synchronously. */
+function warnSyncOnce(why: string): void {
+  if (warnedSync) return;
+  warnedSync = true;
+  console.error(`bunvhost: warn: io_uring unavailable (${why}); file I/O is synchronous`);
+}
+
 /**
  * Opens a raw image or a block device. Without `readonly`, a file that may
  * not be written (EACCES, EPERM, EROFS) is opened read-only. With `direct`,
  * I/O bypasses the host page cache; guest buffers O_DIRECT cannot take go
- * through a bounce buffer.
+ * through a bounce buffer. With `aio: "uring"` (the default) reads, writes
+ * and flushes go through an io_uring once the backing is attached to a loop
+ * (Device.attach); before that, and with `aio: "sync"`, they are synchronous.
  * @example const disk = openFileBacking("/var/lib/vm/disk.raw", { direct: true });
  */
-export function openFileBacking(path: string, opts: { readonly?: boolean; direct?: boolean } = {}): Backing {
+export function openFileBacking(path: string, opts: { readonly?: boolean; direct?: boolean; aio?: Aio } = {}): Backing {
   const extra = opts.direct ? O_DIRECT : 0;
   let ro = opts.readonly === true;
   let fd: number;
@@ -229,7 +355,7 @@ export function openFileBacking(path: string, opts: { readonly?: boolean; direct
     const st = sys.fstat(fd);
     if (!st.isRegular && !st.isBlock) throw new BlkBackingError("NOT_A_DISK", path, "not a regular file or block device");
     if (st.size < SECTOR) throw new BlkBackingError("SIZE", path, `${st.size} bytes, less than one sector`);
-    return new FileBacking(fd, path, st.size, ro, opts.direct === true);
+    return new FileBacking(fd, path, st.size, ro, opts.direct === true, opts.aio ?? "uring");
   } catch (e) {
     sys.closeQuiet(fd);
     throw e;
@@ -345,7 +471,7 @@ export function ramBacking(size: number): Backing {
  * buffer or memfd (filled in by `shareBacking`), null by size.
  */
 export type BackingSpec =
-  | { kind: "file"; path: string; readonly?: boolean; direct?: boolean }
+  | { kind: "file"; path: string; readonly?: boolean; direct?: boolean; aio?: Aio }
   | { kind: "ram"; size: number; shared?: SharedArrayBuffer; memfd?: number }
   | { kind: "null"; size: number };
 
@@ -361,7 +487,7 @@ export function shareBacking(spec: BackingSpec): BackingSpec {
 export function openBacking(spec: BackingSpec): Backing {
   switch (spec.kind) {
     case "file":
-      return openFileBacking(spec.path, { readonly: spec.readonly, direct: spec.direct });
+      return openFileBacking(spec.path, { readonly: spec.readonly, direct: spec.direct, aio: spec.aio });
     case "null":
       return nullBacking(spec.size);
     case "ram":

@@ -20,6 +20,8 @@ export interface DeviceSpec {
 export interface IoThreadOptions {
   windowSize?: number;
   logLevel?: Level;
+  /** Busy-poll window after a round with work, µs (default 0: off; see EpollLoop.pollUs). */
+  pollUs?: number;
 }
 
 interface Pending { resolve(v: unknown): void; reject(e: unknown): void }
@@ -67,7 +69,7 @@ export class IoThread implements RingChannel {
     this.worker = new Worker(new URL("./io_thread_worker.ts", import.meta.url), {
       workerData: {
         port: port2, ctl: this.ctl, name, module: spec.module, options: spec.options,
-        windowSize: o.windowSize ?? DEFAULT_WINDOW_SIZE, logLevel: o.logLevel ?? "info",
+        windowSize: o.windowSize ?? DEFAULT_WINDOW_SIZE, logLevel: o.logLevel ?? "info", pollUs: o.pollUs ?? 0,
       },
       transferList: [port2],
     } as any);
