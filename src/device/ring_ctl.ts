@@ -22,6 +22,7 @@ export interface RingState {
   addr: VringAddr | null;
   base: number;
   eventIdx: boolean;
+  inOrder: boolean;
   packed: boolean;
   enabled: boolean;
   started: boolean;
@@ -40,6 +41,8 @@ export interface RingCtl {
   addr: VringAddr | null;
   readonly started: boolean;
   setEventIdx(on: boolean): void | Promise<void>;
+  /** VIRTIO_F_IN_ORDER negotiated (set at SET_FEATURES, with the layout). */
+  setInOrder(on: boolean): void | Promise<void>;
   /** INFLIGHT_SHMFD area for this ring (null: none); used from the next ring start. */
   setInflight(a: InflightArea | null): void | Promise<void>;
   /** Dirty logging for live migration: mark every guest page this ring writes (null: off). */

@@ -35,13 +35,15 @@
  *
  * Spec: VIRTIO 1.2 §5.2 (Block Device), §2.7 (Split Virtqueues), §2.8 (Packed Virtqueues).
  */
+import * as sys from "../../ffi/sys.ts";
 import { VhostUserFrontend, FrontendError, type FrontendOptions } from "./client.ts";
+import type { InflightInfo } from "../protocol/messages.ts";
 import { GuestRam, type GuestRamOptions } from "./guest_ram.ts";
 import { SplitDriver, type RawDesc, type VirtqDriver } from "./split_driver.ts";
 import { PackedDriver, type PackedRawDesc } from "./packed_driver.ts";
 import {
   bit, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-  VIRTIO_RING_F_INDIRECT_DESC,
+  VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_F_IN_ORDER, VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_RESET,
 } from "../protocol/features.ts";
 
 // Our own copies of the spec constants (VIRTIO 1.2 §5.2): the driver shares no code with the device it tests.
@@ -174,6 +176,22 @@ export interface BlkDriverOptions extends FrontendOptions {
   indirect?: boolean;
   /** Spin on used.idx instead of sleeping on the call eventfd (default false). */
   polling?: boolean;
+  /**
+   * Negotiate VIRTIO_F_IN_ORDER (default false); fails with NOT_OFFERED when
+   * the back-end does not offer it. The rings then expect buffers used in
+   * the order they were made available, possibly one used entry per run.
+   */
+  inOrder?: boolean;
+  /** Negotiate VIRTIO_F_NOTIFICATION_DATA when offered (default false): kicks compute their data (`notifyData`). */
+  notificationData?: boolean;
+  /** Negotiate VIRTIO_F_RING_RESET when offered (default false), for `resetQueue`. */
+  ringReset?: boolean;
+  /**
+   * Use INFLIGHT_SHMFD (default false; NOT_OFFERED when the back-end lacks
+   * it): GET_INFLIGHT_FD once, SET_INFLIGHT_FD at every start, so that
+   * `reconnect` to a restarted back-end loses no request.
+   */
+  inflight?: boolean;
   /** Use REPLY_ACK when offered (default true): every request is acknowledged. */
   replyAck?: boolean;
   /** Device feature bits to accept if offered (default BLK_DRIVER_FEATURES). */
@@ -215,6 +233,8 @@ export interface RawOpts {
 
 const NO_OPTS: ReqOpts = {};
 const SLOT_FREE = 0, SLOT_BUSY = 1, SLOT_DONE = 2;
+/** Status of a request that a reset queue (`resetQueue`) handed back unused: not a virtio-blk status. */
+export const RECLAIMED = 0xff;
 const RAW_HEAD = -2;
 const PAGE = 4096;
 const alignUp = (v: number, a: number) => Math.ceil(v / a) * a;
@@ -274,10 +294,14 @@ export class BlkDriver {
   private freeTop!: Int32Array;
   private headSlot!: Int32Array;
   private rawUsed = new Map<number, number>();
+  private indirectMax = 0;
+  /** The INFLIGHT_SHMFD buffer (fd owned here), kept across reconnects. */
+  private inflightFd = -1;
+  private inflightInfo: InflightInfo | null = null;
   private crossBusy = false;
 
   /** Runs the handshake on an open connection (see the file comment); closes nothing on failure. */
-  constructor(readonly fe: VhostUserFrontend, o: BlkDriverOptions = {}) {
+  constructor(public fe: VhostUserFrontend, o: BlkDriverOptions = {}) {
     this.o = o;
     this.queues = o.queues ?? 1;
     this.queueSize = o.queueSize ?? 128;
@@ -323,7 +347,9 @@ export class BlkDriver {
     this.deviceFeatures = fe.getFeatures();
     if (this.deviceFeatures & bit(VHOST_USER_F_PROTOCOL_FEATURES)) {
       this.deviceProtocolFeatures = fe.getProtocolFeatures();
-      this.protocolFeatures = this.deviceProtocolFeatures & (o.protocolFeatures ?? BLK_DRIVER_PROTOCOL_FEATURES);
+      let accept = o.protocolFeatures ?? BLK_DRIVER_PROTOCOL_FEATURES;
+      if (o.inflight) accept |= bit(ProtocolFeature.INFLIGHT_SHMFD);
+      this.protocolFeatures = this.deviceProtocolFeatures & accept;
       fe.setProtocolFeatures(this.protocolFeatures);
       if (this.protocolFeatures & bit(ProtocolFeature.REPLY_ACK) && o.replyAck !== false) fe.replyAck = true;
       if (this.protocolFeatures & bit(ProtocolFeature.MQ)) this.queueNum = fe.getQueueNum();
@@ -349,6 +375,14 @@ export class BlkDriver {
       }
       want |= bit(VIRTIO_F_RING_PACKED);
     }
+    if (o.inOrder) {
+      if ((this.deviceFeatures & bit(VIRTIO_F_IN_ORDER)) === 0n) {
+        throw new FrontendError("NOT_OFFERED", "VIRTIO_F_IN_ORDER", `the back-end offers 0x${this.deviceFeatures.toString(16)}, without bit ${VIRTIO_F_IN_ORDER}`);
+      }
+      want |= bit(VIRTIO_F_IN_ORDER);
+    }
+    if (o.notificationData) want |= bit(VIRTIO_F_NOTIFICATION_DATA);
+    if (o.ringReset) want |= bit(VIRTIO_F_RING_RESET);
     this.features = this.deviceFeatures & want;
     if (this.queues > 1) {
       const n = this.has(VIRTIO_BLK_F_MQ) ? this.config?.numQueues ?? 0 : 1;
@@ -363,9 +397,12 @@ export class BlkDriver {
     const bases: number[] = [];
     for (let q = 0; q < this.queues; q++) bases.push(this.baseOf(q));
     fe.setFeatures(this.features);
+    // After SET_FEATURES, as QEMU does (vhost_dev_prepare_inflight): the back-end sizes the area for the layout.
+    if (o.inflight) this.setupInflight();
 
     const n = this.queueSize;
     const indirectMax = this.has(VIRTIO_RING_F_INDIRECT_DESC) ? Math.min(n, (this.segMax || 126) + 3) : 0;
+    this.indirectMax = indirectMax;
     const slotBytes = PAGE + alignUp(this.maxIo + 1, PAGE);
     const perQueue = 32 * n + 2 * PAGE + n * indirectMax * 16 + this.depth * slotBytes;
     const zone = this.maxIo + (64 << 10);
@@ -376,7 +413,7 @@ export class BlkDriver {
       fe.setMemTable(this.ram.memRegions(), this.ram.fileOrder.map(() => this.ram.fd));
       for (let q = 0; q < this.queues; q++) {
         const base = bases[q]!;
-        const ring = { size: n, index: q, eventIdx: this.has(VIRTIO_RING_F_EVENT_IDX), indirectMax, polling: o.polling };
+        const ring = this.ringOptions(q, indirectMax);
         // A packed driver starts both halves at one position | wrap (baseOf checked that they are equal).
         const vq: VirtqDriver = this.packed ? new PackedDriver(this.ram, { ...ring, base: base & 0xffff }) : new SplitDriver(this.ram, { ...ring, base });
         this.vqs.push(vq);
@@ -397,6 +434,122 @@ export class BlkDriver {
       this.releaseMemory();
       throw e;
     }
+  }
+
+  /** GET_INFLIGHT_FD the first time, then SET_INFLIGHT_FD with the same buffer at every start. */
+  private setupInflight(): void {
+    if ((this.protocolFeatures & bit(ProtocolFeature.INFLIGHT_SHMFD)) === 0n) {
+      throw new FrontendError("NOT_OFFERED", "INFLIGHT_SHMFD", `protocol features 0x${this.deviceProtocolFeatures.toString(16)}`);
+    }
+    if (this.inflightFd < 0) {
+      const { info, fd } = this.fe.getInflightFd(this.queues, this.queueSize);
+      if (fd < 0) throw new FrontendError("BAD_REPLY", "GET_INFLIGHT_FD", "no fd");
+      this.inflightFd = fd;
+      this.inflightInfo = info;
+    }
+    this.fe.setInflightFd(this.inflightInfo!, this.inflightFd);
+  }
+
+  /** Queue `q`'s ring to the back-end: SET_VRING_NUM/BASE/ADDR/CALL/KICK (ENABLE is the caller's). */
+  private sendRing(q: number, base: number): void {
+    const vq = this.vqs[q]!, fe = this.fe;
+    fe.setVringNum(q, vq.size);
+    fe.setVringBase(q, base);
+    fe.setVringAddr({
+      index: q, flags: 0, desc: this.ram.uva(vq.descGpa), used: this.ram.uva(vq.usedGpa), avail: this.ram.uva(vq.availGpa), log: 0,
+    });
+    fe.setVringCall(q, vq.callFd);
+    fe.setVringKick(q, vq.kickFd);
+  }
+
+  /**
+   * Connects to a back-end that replaced the one we lost (same socket path,
+   * e.g. restarted after a crash) and hands it the same state: features,
+   * the inflight buffer (`inflight` option), the memory table and every ring
+   * where it is. Requests in flight stay in flight: with INFLIGHT_SHMFD the
+   * back-end resubmits what the dead one had taken and not completed. The
+   * ring base sent is our own view (split: used.idx, as QEMU rewinds;
+   * packed: `vringBase`): only the back-end's inflight area knows more.
+   * @example
+   * const d = BlkDriver.connect(sock, { packed: true, inflight: true });
+   * // ... the back-end process dies and is restarted on `sock` ...
+   * d.reconnect(sock);
+   * d.wait(0); // requests submitted before the crash complete
+   */
+  reconnect(path: string): void {
+    if (!this.started) throw new Error("BlkDriver.reconnect: never started");
+    this.fe.close();
+    this.fe = VhostUserFrontend.connect(path, this.o);
+    this.negotiate();
+    this.fe.setFeatures(this.features);
+    if (this.o.inflight) this.setupInflight();
+    this.fe.setMemTable(this.ram.memRegions(), this.ram.fileOrder.map(() => this.ram.fd));
+    for (let q = 0; q < this.queues; q++) {
+      const vq = this.vqs[q]!;
+      this.sendRing(q, this.packed ? vq.vringBase : (vq as SplitDriver).usedIndex());
+    }
+    if (this.features & bit(VHOST_USER_F_PROTOCOL_FEATURES)) {
+      for (let q = 0; q < this.queues; q++) this.fe.setVringEnable(q, true);
+    }
+  }
+
+  /**
+   * VIRTIO_F_RING_RESET: resets queue `q` alone while the others run, and
+   * starts it again fresh with `size` entries (at most the `queueSize`
+   * option) in new ring memory. Over vhost-user: SET_VRING_ENABLE 0,
+   * GET_VRING_BASE (the back-end stops the ring, its requests complete and
+   * are reaped here), `during()` if given (the ring is stopped), then
+   * SET_VRING_NUM/BASE/ADDR/CALL/KICK and SET_VRING_ENABLE 1. Requests the
+   * back-end never took are reclaimed: each finishes with status
+   * RECLAIMED (0xff, via onComplete). Returns how many were reclaimed.
+   */
+  resetQueue(q: number, size = this.queueSize, during?: () => void): number {
+    if (!this.has(VIRTIO_F_RING_RESET)) throw new FrontendError("NOT_OFFERED", "VIRTIO_F_RING_RESET", "not negotiated (ringReset option)");
+    if (!Number.isInteger(size) || size < 1 || size > this.queueSize || (!this.packed && (size & (size - 1)) !== 0)) {
+      throw new RangeError(`resetQueue: size ${size} (1..${this.queueSize}${this.packed ? "" : ", a power of 2"})`);
+    }
+    const fe = this.fe;
+    const old = this.vqs[q]!;
+    const pf = (this.features & bit(VHOST_USER_F_PROTOCOL_FEATURES)) !== 0n;
+    if (pf) fe.setVringEnable(q, false);
+    fe.getVringBase(q);
+    // Everything the back-end took is used and published by now: reap it.
+    this.poll(q);
+    let reclaimed = 0;
+    for (let id = 0; id < this.queueSize; id++) {
+      const at = q * this.queueSize + id;
+      const slot = this.headSlot[at]!;
+      if (slot === -1) continue;
+      this.headSlot[at] = -1;
+      reclaimed++;
+      if (slot === RAW_HEAD) continue;
+      this.slotStatus[slot] = RECLAIMED;
+      this.slotUsedLen[slot] = 0;
+      this.slotState[slot] = SLOT_DONE;
+      if (this.slotSync[slot] === 0) {
+        try {
+          this.onComplete?.(slot, RECLAIMED, 0);
+        } finally {
+          this.releaseSlot(slot);
+        }
+      }
+    }
+    during?.();
+    old.close();
+    const o = this.ringOptions(q, this.indirectMax);
+    const vq: VirtqDriver = this.packed ? new PackedDriver(this.ram, { ...o, size }) : new SplitDriver(this.ram, { ...o, size });
+    this.vqs[q] = vq;
+    this.sendRing(q, vq.vringBase);
+    if (pf) fe.setVringEnable(q, true);
+    return reclaimed;
+  }
+
+  /** Driver options of queue `q`'s ring from the negotiated features. */
+  private ringOptions(q: number, indirectMax: number) {
+    return {
+      size: this.queueSize, index: q, eventIdx: this.has(VIRTIO_RING_F_EVENT_IDX), indirectMax, polling: this.o.polling,
+      inOrder: this.has(VIRTIO_F_IN_ORDER), notificationData: this.has(VIRTIO_F_NOTIFICATION_DATA),
+    };
   }
 
   /** The `base` option for queue `q`, checked for the layout. */
@@ -820,6 +973,8 @@ export class BlkDriver {
   /** Disconnects and frees everything. Idempotent. */
   close(): void {
     this.fe.close();
+    sys.closeQuiet(this.inflightFd);
+    this.inflightFd = -1;
     this.releaseMemory();
   }
 

@@ -128,6 +128,10 @@ export interface PackedDriverOptions {
   base?: number;
   /** Spin on the ring instead of sleeping on the call eventfd; asks the device not to interrupt. */
   polling?: boolean;
+  /** VIRTIO_F_IN_ORDER negotiated: one used descriptor may stand for a run of buffers (`reap` expands it). */
+  inOrder?: boolean;
+  /** VIRTIO_F_NOTIFICATION_DATA negotiated: each kick computes `notifyData`. */
+  notificationData?: boolean;
 }
 
 
@@ -149,6 +153,10 @@ export class PackedDriver implements VirtqDriver {
   readonly eventIdx: boolean;
   readonly polling: boolean;
   readonly indirectMax: number;
+  readonly inOrder: boolean;
+  readonly notificationData: boolean;
+  /** The value of the last notification (VIRTIO_F_NOTIFICATION_DATA), -1 before; see SplitDriver.notifyData. */
+  notifyData = -1;
   /** Descriptor ring; SET_VRING_ADDR `desc`. */
   readonly descGpa: number;
   /** Driver event suppression area; SET_VRING_ADDR `avail` (QEMU passes the driver area there). */
@@ -166,6 +174,8 @@ export class PackedDriver implements VirtqDriver {
   usedLen = 0;
   /** Notifications sent and interrupts received (for benchmarks). */
   kicks = 0;
+  /** Used entries read from the ring (fewer than buffers reaped when in-order runs are batched). */
+  usedEntries = 0;
   /** Call eventfd signals consumed while waiting. */
   get calls(): number {
     return this.waiter.calls;
@@ -202,6 +212,18 @@ export class PackedDriver implements VirtqDriver {
   // The first flags of the oldest chain not yet published (-1: none).
   private pubAt = -1;
   private pubFlags = 0;
+  private cW = 0;
+  /** Device-writable bytes of each buffer in flight (a run's skipped buffers were written whole). */
+  private readonly wlen: Uint32Array;
+  /** In order: buffer ids in the order they were made available (a circle), and each id's sequence number. */
+  private readonly fifo: Uint16Array;
+  private fifoHead = 0;
+  private readonly seqOf: Float64Array;
+  private nextSeq = 0;
+  private headSeq = 0;
+  /** In order: sequence number of the last buffer of the run being reaped (-1: none) and its length. */
+  private runEnd = -1;
+  private runLen = 0;
   private readonly waiter: CallWait;
   private closed = false;
 
@@ -217,6 +239,11 @@ export class PackedDriver implements VirtqDriver {
     this.eventIdx = o.eventIdx ?? false;
     this.polling = o.polling ?? false;
     this.indirectMax = o.indirectMax ?? 0;
+    this.inOrder = o.inOrder ?? false;
+    this.notificationData = o.notificationData ?? false;
+    this.wlen = new Uint32Array(n);
+    this.fifo = new Uint16Array(n);
+    this.seqOf = new Float64Array(n);
     this.nextAvail = this.nextUsed = base & 0x7fff;
     this.availWrap = this.usedWrap = base >>> 15;
 
@@ -355,6 +382,7 @@ export class PackedDriver implements VirtqDriver {
     this.cId = this.freeIds[--this.freeTop]!;
     this.cN = 0;
     this.cIndirect = indirect;
+    this.cW = 0;
     this.cPos = this.nextAvail;
     this.cWrap = this.availWrap;
     this.cPrevAt = -1;
@@ -364,6 +392,7 @@ export class PackedDriver implements VirtqDriver {
   add(gpa: number, len: number, writable: boolean): void {
     if (this.cId < 0) throw new Error(`queue ${this.index}: add() without begin()`);
     const w = writable ? VIRTQ_DESC_F_WRITE : 0;
+    if (writable) this.cW += len;
     if (this.cIndirect) {
       if (this.cN >= this.indirectMax) {
         this.abort();
@@ -426,6 +455,7 @@ export class PackedDriver implements VirtqDriver {
       ringN = 1;
     }
     this.cId = -1;
+    this.wlen[id] = this.cW;
     this.take(id, ringN);
     return id;
   }
@@ -434,6 +464,11 @@ export class PackedDriver implements VirtqDriver {
   private take(id: number, ringN: number): void {
     this.count[id] = ringN;
     this.busy[id] = 1;
+    // In order: ids come back in this order (busyCount ≤ size, so the circle never overflows).
+    let at = this.fifoHead + this.busyCount;
+    if (at >= this.size) at -= this.size;
+    this.fifo[at] = id;
+    this.seqOf[id] = this.nextSeq++;
     this.busyCount++;
     this.numFree -= ringN;
     this.sinceKick += ringN;
@@ -531,6 +566,8 @@ export class PackedDriver implements VirtqDriver {
     else need = true;
     this.sinceKick = 0;
     if (!need && !force) return false;
+    // §2.9 (packed): vqn | next position << 16 | driver wrap counter << 31 (see notifyData).
+    if (this.notificationData) this.notifyData = ((this.availIndex << 16) | this.index) >>> 0;
     sys.eventfdWrite(this.kickFd, 1);
     this.kicks++;
     return true;
@@ -547,6 +584,7 @@ export class PackedDriver implements VirtqDriver {
 
   /** Used descriptors the device has published and we have not reaped. */
   pending(): number {
+    if (this.runEnd >= 0) return this.runEnd - this.headSeq + 1; // the rest of an in-order run (at least)
     let pos = this.nextUsed, wrap = this.usedWrap, left = this.size - this.numFree, k = 0;
     while (left > 0 && this.usedAt(pos, wrap)) {
       const id = this.u16[2 * (this.desc32 + pos * 4) + 6]!;
@@ -569,12 +607,41 @@ export class PackedDriver implements VirtqDriver {
    */
   reap(): boolean {
     if (this.numFree === this.size) return false; // nothing in flight: the ring holds only stale entries
-    if (!this.usedAt(this.nextUsed, this.usedWrap)) return false;
-    const at32 = this.desc32 + this.nextUsed * 4;
-    const flags = this.u16[2 * at32 + 7]!;
-    const id = this.u16[2 * at32 + 6]!;
-    if (id >= this.size || this.busy[id] === 0) {
-      throw new FrontendError("BAD_USED", `queue ${this.index}`, `used descriptor at ${this.nextUsed}: id ${id} is not a buffer in flight`);
+    let id: number, len: number;
+    if (this.runEnd >= 0) {
+      // Inside an in-order run: the ring at nextUsed is stale, the order says which buffer it is.
+      id = this.fifo[this.fifoHead]!;
+      if (this.headSeq === this.runEnd) {
+        len = this.runLen;
+        this.runEnd = -1;
+      } else {
+        len = this.wlen[id]!;
+      }
+    } else {
+      if (!this.usedAt(this.nextUsed, this.usedWrap)) return false;
+      const at32 = this.desc32 + this.nextUsed * 4;
+      const flags = this.u16[2 * at32 + 7]!;
+      id = this.u16[2 * at32 + 6]!;
+      this.usedEntries++;
+      if (id >= this.size || this.busy[id] === 0) {
+        throw new FrontendError("BAD_USED", `queue ${this.index}`, `used descriptor at ${this.nextUsed}: id ${id} is not a buffer in flight`);
+      }
+      // §2.8.4: "Element Length is reserved for used descriptors without the VIRTQ_DESC_F_WRITE flag".
+      len = flags & VIRTQ_DESC_F_WRITE ? this.u32[at32 + 2]! : 0;
+      if (this.inOrder) {
+        const expect = this.fifo[this.fifoHead]!;
+        if (id !== expect) {
+          // §2.8 in-order: the id of a later buffer ends a run that starts with the oldest one.
+          this.runEnd = this.seqOf[id]!;
+          this.runLen = len;
+          id = expect;
+          len = this.wlen[id]!;
+        }
+      }
+    }
+    if (this.inOrder) {
+      if (++this.fifoHead === this.size) this.fifoHead = 0;
+      this.headSeq++;
     }
     const n = this.count[id]!;
     this.busy[id] = 0;
@@ -588,8 +655,7 @@ export class PackedDriver implements VirtqDriver {
     }
     this.nextUsed = p;
     this.usedId = id;
-    // §2.8.4: "Element Length is reserved for used descriptors without the VIRTQ_DESC_F_WRITE flag".
-    this.usedLen = flags & VIRTQ_DESC_F_WRITE ? this.u32[at32 + 2]! : 0;
+    this.usedLen = len;
     if (this.eventIdx && !this.polling) this.writeDriverEvent();
     return true;
   }
@@ -601,7 +667,7 @@ export class PackedDriver implements VirtqDriver {
 
   /** Whether the next used descriptor is there (cheaper than `pending`). */
   private ready(): boolean {
-    return this.numFree !== this.size && this.usedAt(this.nextUsed, this.usedWrap);
+    return this.numFree !== this.size && (this.runEnd >= 0 || this.usedAt(this.nextUsed, this.usedWrap));
   }
 
   /** Closes the eventfds (the back-end keeps its own copies). The ring stays in `ram`. */

@@ -89,6 +89,14 @@ export interface SplitDriverOptions {
   base?: number;
   /** Spin on used.idx instead of sleeping on the call eventfd; asks the device not to interrupt. */
   polling?: boolean;
+  /**
+   * VIRTIO_F_IN_ORDER negotiated: descriptors are used in ring order (§2.7.9:
+   * allocated round the table, never from a free list), and a used element
+   * may stand for a run of chains (`reap` expands it).
+   */
+  inOrder?: boolean;
+  /** VIRTIO_F_NOTIFICATION_DATA negotiated: each kick computes `notifyData`. */
+  notificationData?: boolean;
 }
 
 /** What `wait` saw: a used element, the deadline, or activity on the watched socket. */
@@ -111,6 +119,15 @@ export interface VirtqDriver {
   readonly eventIdx: boolean;
   readonly polling: boolean;
   readonly indirectMax: number;
+  /** VIRTIO_F_IN_ORDER: the device uses chains in the order they were made available (and may batch). */
+  readonly inOrder: boolean;
+  /**
+   * VIRTIO_F_NOTIFICATION_DATA: the value of the last notification (vq index
+   * | next avail index << 16; packed: | next position and wrap << 16), or -1.
+   * vhost-user has nowhere to carry it (the kick is an eventfd counter), so
+   * it is computed and kept, and the device must not need it.
+   */
+  readonly notifyData: number;
   /** SET_VRING_ADDR desc, avail (split: avail ring; packed: driver area), used (split: used ring; packed: device area). */
   readonly descGpa: number;
   readonly availGpa: number;
@@ -120,6 +137,7 @@ export interface VirtqDriver {
   readonly usedId: number;
   readonly usedLen: number;
   readonly kicks: number;
+  readonly usedEntries: number;
   readonly calls: number;
   /** Free descriptors (split: table entries; packed: ring positions). */
   readonly numFree: number;
@@ -152,6 +170,9 @@ export class SplitDriver implements VirtqDriver {
   readonly eventIdx: boolean;
   readonly polling: boolean;
   readonly indirectMax: number;
+  readonly inOrder: boolean;
+  readonly notificationData: boolean;
+  notifyData = -1;
   readonly descGpa: number;
   readonly availGpa: number;
   readonly usedGpa: number;
@@ -166,6 +187,8 @@ export class SplitDriver implements VirtqDriver {
   usedLen = 0;
   /** Notifications sent and interrupts received (for benchmarks). */
   kicks = 0;
+  /** Used entries read from the ring (fewer than buffers reaped when in-order runs are batched). */
+  usedEntries = 0;
   /** Call eventfd signals consumed while waiting. */
   get calls(): number {
     return this.waiter.calls;
@@ -193,6 +216,14 @@ export class SplitDriver implements VirtqDriver {
   private cPrev = -1;
   private cN = 0;
   private cIndirect = false;
+  private cW = 0;
+  /** In order: the head at each avail index (shadow), where each head was made available, its writable bytes. */
+  private readonly order: Uint16Array;
+  private readonly availAt: Uint16Array;
+  private readonly wlen: Uint32Array;
+  /** In order: the used index of the last chain of the run being reaped (-1: none) and its length. */
+  private runEnd = -1;
+  private runLen = 0;
   private readonly waiter: CallWait;
   private closed = false;
 
@@ -205,6 +236,11 @@ export class SplitDriver implements VirtqDriver {
     this.eventIdx = o.eventIdx ?? false;
     this.polling = o.polling ?? false;
     this.indirectMax = o.indirectMax ?? 0;
+    this.inOrder = o.inOrder ?? false;
+    this.notificationData = o.notificationData ?? false;
+    this.order = new Uint16Array(n);
+    this.availAt = new Uint16Array(n);
+    this.wlen = new Uint32Array(n);
     const base = (o.base ?? 0) & 0xffff;
     this.availIdx = this.kickedIdx = this.lastUsed = base;
 
@@ -246,7 +282,9 @@ export class SplitDriver implements VirtqDriver {
     }
 
     this.nextFree = new Uint16Array(n);
-    for (let i = 0; i < n; i++) this.nextFree[i] = (i + 1) & 0xffff;
+    // In order the free descriptors are always one stretch of the table, taken and given back
+    // round it (a circle: chains may wrap from n-1 to 0).
+    for (let i = 0; i < n; i++) this.nextFree[i] = this.inOrder ? (i + 1) % n : (i + 1) & 0xffff;
     this.numFree = n;
     this.tail = new Uint16Array(n);
     this.count = new Uint16Array(n);
@@ -316,12 +354,14 @@ export class SplitDriver implements VirtqDriver {
     this.cHead = this.freeHead;
     this.cPrev = -1;
     this.cN = 0;
+    this.cW = 0;
     this.cIndirect = indirect;
   }
 
   /** Appends a buffer to the open chain: device-readable, or device-writable when `writable`. */
   add(gpa: number, len: number, writable: boolean): void {
     const flags = writable ? VRING_DESC_F_WRITE : 0;
+    if (writable) this.cW += len;
     if (this.cIndirect) {
       if (this.cN >= this.indirectMax) {
         this.cHead = -1;
@@ -361,6 +401,7 @@ export class SplitDriver implements VirtqDriver {
       this.count[head] = this.cN;
     }
     this.take(head);
+    this.wlen[head] = this.cW;
     this.cHead = -1;
     this.putAvail(head);
     return head;
@@ -374,6 +415,8 @@ export class SplitDriver implements VirtqDriver {
 
   private putAvail(value: number): void {
     this.u16[this.avail16 + 2 + (this.availIdx & this.mask)] = value;
+    this.order[this.availIdx & this.mask] = value;
+    if (value < this.size) this.availAt[value] = this.availIdx;
     this.availIdx = (this.availIdx + 1) & 0xffff;
   }
 
@@ -452,6 +495,8 @@ export class SplitDriver implements VirtqDriver {
     else need = (Atomics.load(this.u16, this.used16) & VRING_USED_F_NO_NOTIFY) === 0 && this.availIdx !== this.kickedIdx;
     this.kickedIdx = this.availIdx;
     if (!need && !force) return false;
+    // §2.9 (split): vqn | next avail index << 16; the eventfd cannot carry it (see notifyData).
+    if (this.notificationData) this.notifyData = ((this.availIdx << 16) | this.index) >>> 0;
     sys.eventfdWrite(this.kickFd, 1);
     this.kicks++;
     return true;
@@ -481,14 +526,25 @@ export class SplitDriver implements VirtqDriver {
     if (((idx - this.lastUsed) & 0xffff) > this.inFlight) {
       throw new FrontendError("BAD_USED", `queue ${this.index}`, `used.idx ${idx} is ${(idx - this.lastUsed) & 0xffff} ahead, only ${this.inFlight} in flight`);
     }
-    const e = this.used32 + 1 + 2 * (this.lastUsed & this.mask);
-    const id = this.u32[e]!;
-    const len = this.u32[e + 1]!;
+    let id: number, len: number;
+    if (this.inOrder) {
+      const p = this.reapInOrder(idx);
+      id = p[0];
+      len = p[1];
+    } else {
+      const e = this.used32 + 1 + 2 * (this.lastUsed & this.mask);
+      id = this.u32[e]!;
+      len = this.u32[e + 1]!;
+      this.usedEntries++;
+    }
     if (id >= this.size || this.busy[id] === 0) {
       throw new FrontendError("BAD_USED", `queue ${this.index}`, `used element ${this.lastUsed}: id ${id} is not a chain in flight`);
     }
-    this.nextFree[this.tail[id]!] = this.freeHead;
-    this.freeHead = id;
+    // In order the freed chain is the oldest: the free stretch grows at its end by itself.
+    if (!this.inOrder) {
+      this.nextFree[this.tail[id]!] = this.freeHead;
+      this.freeHead = id;
+    }
     this.numFree += this.count[id]!;
     this.busy[id] = 0;
     this.lastUsed = (this.lastUsed + 1) & 0xffff;
@@ -497,6 +553,46 @@ export class SplitDriver implements VirtqDriver {
     // used_event: interrupt at the next element (or, polling, stay one behind: no interrupts).
     this.u16[this.avail16 + 2 + this.size] = this.polling ? (this.lastUsed - 1) & 0xffff : this.lastUsed;
     return true;
+  }
+
+  private readonly pair: [number, number] = [0, 0];
+
+  /**
+   * In order (§2.7.9): the chain at used index lastUsed is the one made
+   * available at that index. A used element whose id is a later chain ends a
+   * run: the chains before it were used whole (their writable length), the
+   * last one with the element's length; the elements in between are stale.
+   */
+  private reapInOrder(idx: number): [number, number] {
+    const r = this.pair;
+    const expect = this.order[this.lastUsed & this.mask]!;
+    if (this.runEnd < 0) {
+      const e = this.used32 + 1 + 2 * (this.lastUsed & this.mask);
+      const id = this.u32[e]!, len = this.u32[e + 1]!;
+      this.usedEntries++;
+      if (id >= this.size || this.busy[id] === 0) {
+        throw new FrontendError("BAD_USED", `queue ${this.index}`, `used element ${this.lastUsed}: id ${id} is not a chain in flight`);
+      }
+      const d = (this.availAt[id]! - this.lastUsed) & 0xffff;
+      if (d >= ((idx - this.lastUsed) & 0xffff)) {
+        throw new FrontendError("BAD_USED", `queue ${this.index}`, `used element ${this.lastUsed}: id ${id} ends a run of ${d + 1} past used.idx ${idx}`);
+      }
+      if (d === 0) {
+        r[0] = id;
+        r[1] = len;
+        return r;
+      }
+      this.runEnd = this.availAt[id]!;
+      this.runLen = len;
+    }
+    r[0] = expect;
+    if (this.lastUsed === this.runEnd) {
+      r[1] = this.runLen;
+      this.runEnd = -1;
+    } else {
+      r[1] = this.wlen[expect]!;
+    }
+    return r;
   }
 
   /** Waits until a used buffer is there to reap (see CallWait): "used", "timeout" or "socket". */

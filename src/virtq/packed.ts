@@ -14,7 +14,9 @@
  * completion order (ids may complete in any order: §2.8.12, "in the order in
  * which they complete"), and moves
  * `usedPos` on by the number of ring descriptors that buffer's chain took
- * (remembered per id at pop; §2.8.6 "skips forward"). A batch of `push`es is
+ * (remembered per id at pop; §2.8.6 "skips forward"). With VIRTIO_F_IN_ORDER
+ * completions are held back until their turn and a run of them is written as
+ * one used descriptor (InOrderHold, `emitInOrder`). A batch of `push`es is
  * made visible by one `flush` (see `push` for the ordering), which then reads
  * the driver's event suppression area to decide whether to interrupt.
  *
@@ -32,7 +34,8 @@ import { GuestMemoryError, VirtqError, type VirtqCode } from "../errors.ts";
 import type { GuestMemory, Span } from "../memory/guest_memory.ts";
 import { newSpan } from "../memory/guest_memory.ts";
 import { Pieces } from "../memory/pieces.ts";
-import type { RingSizes, VirtQueue } from "./queue.ts";
+import { InOrderHold, type RingSizes, type VirtQueue } from "./queue.ts";
+import { InflightAreaError, type PackedInflight, type PackedInflightBuffer } from "./inflight.ts";
 
 export const VIRTQ_DESC_F_NEXT = 1;
 export const VIRTQ_DESC_F_WRITE = 2;
@@ -121,7 +124,25 @@ export class PackedQueue implements VirtQueue {
   inflightDescs = 0;
   /** VIRTIO_F_RING_EVENT_IDX negotiated: RING_EVENT_FLAGS_DESC is valid both ways. */
   eventIdx = false;
+  /** VIRTIO_F_IN_ORDER negotiated (see InOrderHold). */
+  inOrder = false;
   broken: VirtqError | null = null;
+  // In-order: held-back completions, the device-writable bytes of each buffer in flight, and the
+  // run being built (one used descriptor at gPos/gWrap for gN buffers, skipping their positions).
+  private readonly hold = new InOrderHold();
+  private fullLen = new Uint32Array(0);
+  private wTotal = 0;
+  private gPos = 0;
+  private gWrap = 0;
+  private gN = 0;
+  private gId = 0;
+  private gLen = 0;
+  private readonly emitFn = (id: number, len: number) => this.emitInOrder(id, len);
+  /** INFLIGHT_SHMFD tracking, and the buffers a previous back-end left in flight (taken first). */
+  private inflight: PackedInflight | null = null;
+  private resubmit: PackedInflightBuffer[] = [];
+  private resubmitPos = 0;
+  private readonly stored = { addr: 0, len: 0, flags: 0 };
 
   // Whole-window views and base indexes (in elements of the view) of the three areas.
   private d16: Uint16Array = new Uint16Array(0);
@@ -169,6 +190,10 @@ export class PackedQueue implements VirtQueue {
       this.fail("RING_ADDR", 0, "misaligned ring");
     }
     if (size !== this.size && this.chainLen.length !== size) this.chainLen = new Uint16Array(size);
+    if (this.fullLen.length !== size) this.fullLen = new Uint32Array(size);
+    // Called with nothing in flight (quiesced): nothing is held back.
+    this.hold.reset(size);
+    this.gN = 0;
     this.size = size;
     this.d16 = desc.u16;
     this.d32 = desc.u32;
@@ -198,6 +223,7 @@ export class PackedQueue implements VirtQueue {
     this.bounce8 = new Uint8Array(0);
     this.batchCount = 0;
     this.batchDescs = 0;
+    this.gN = 0;
   }
 
   get ready(): boolean {
@@ -225,6 +251,7 @@ export class PackedQueue implements VirtQueue {
     if (this.broken !== null) throw this.broken;
     const n = this.size;
     if (n === 0) return -1;
+    if (this.resubmitPos < this.resubmit.length) return this.popStored(r, w);
     const d16 = this.d16, d32 = this.d32, base = this.dBase;
     let pos = this.availPos, wrap = this.availWrap;
     let o = base + pos * 4;
@@ -237,6 +264,7 @@ export class PackedQueue implements VirtQueue {
     const mem = this.mem;
     let count = 0;
     let total = 0;
+    let wTotal = 0;
     let seenWrite = false;
     let id = 0;
     for (;;) {
@@ -250,6 +278,7 @@ export class PackedQueue implements VirtQueue {
         if (flags & VIRTQ_DESC_F_NEXT) this.fail("INDIRECT_NEXT", pos, "indirect descriptor with NEXT");
         if (count > 1) this.fail("INDIRECT_NEXT", pos, "indirect descriptor inside a chain");
         this.walkIndirect(addr, len, pos, r, w);
+        wTotal = this.wTotal;
         break;
       }
       if (len === 0) this.fail("ZERO_LEN", pos);
@@ -257,7 +286,8 @@ export class PackedQueue implements VirtQueue {
       if (total > 0xffffffff) this.fail("TOTAL_LEN", pos, "chain longer than 4 GiB");
       if (flags & VIRTQ_DESC_F_WRITE) {
         seenWrite = true;
-        if (!mem.gpaPieces(addr, len, w)) this.fail("BAD_ADDR", pos, `0x${addr.toString(16)}+${len} not in guest memory`);
+        wTotal += len;
+        if (!mem.gpaPieces(addr, len, w, true)) this.fail("BAD_ADDR", pos, `0x${addr.toString(16)}+${len} not in guest memory`);
       } else {
         if (seenWrite) this.fail("ORDER", pos, "readable descriptor after a writable one");
         if (!mem.gpaPieces(addr, len, r)) this.fail("BAD_ADDR", pos, `0x${addr.toString(16)}+${len} not in guest memory`);
@@ -280,8 +310,21 @@ export class PackedQueue implements VirtQueue {
       this.fail("AVAIL_IDX_JUMP", this.availPos, `${count} more descriptors with ${this.inflightDescs} in flight on a ring of ${n}`);
     }
     if (this.chainLen[id] !== 0) this.fail("HEAD_BUSY", id, `buffer id ${id} already in flight`);
+    // Recorded before the device sees the buffer (the specification's order).
+    if (this.inflight !== null) {
+      try {
+        this.inflight.taken(id, d16, d32, base, this.availPos, count, n);
+      } catch (e) {
+        if (e instanceof InflightAreaError || e instanceof RangeError) this.fail("RING_ADDR", id, `inflight area: ${e.message}`);
+        throw e;
+      }
+    }
     this.chainLen[id] = count;
     this.inflightDescs += count;
+    if (this.inOrder) {
+      this.hold.taken(id);
+      this.fullLen[id] = wTotal;
+    }
     if (++pos === n) {
       pos = 0;
       wrap ^= 1;
@@ -307,6 +350,7 @@ export class PackedQueue implements VirtQueue {
     const mem = this.mem;
     let o = s.off >>> 2;
     let total = 0;
+    let wTotal = 0;
     let seenWrite = false;
     for (let k = 0; k < cnt; k++, o += 4) {
       const lo = t32[o]!, hi = t32[o + 1]!, dl = t32[o + 2]!;
@@ -319,12 +363,14 @@ export class PackedQueue implements VirtQueue {
       if (total > 0xffffffff) this.fail("TOTAL_LEN", k, "chain longer than 4 GiB");
       if (f & VIRTQ_DESC_F_WRITE) {
         seenWrite = true;
-        if (!mem.gpaPieces(a, dl, w)) this.fail("BAD_ADDR", k, `0x${a.toString(16)}+${dl} not in guest memory`);
+        wTotal += dl;
+        if (!mem.gpaPieces(a, dl, w, true)) this.fail("BAD_ADDR", k, `0x${a.toString(16)}+${dl} not in guest memory`);
       } else {
         if (seenWrite) this.fail("ORDER", k, "readable descriptor after a writable one");
         if (!mem.gpaPieces(a, dl, r)) this.fail("BAD_ADDR", k, `0x${a.toString(16)}+${dl} not in guest memory`);
       }
     }
+    this.wTotal = wTotal;
   }
 
   /** A view of an indirect table; copied to a private buffer when not 4-aligned or not contiguous (rare). */
@@ -373,14 +419,22 @@ export class PackedQueue implements VirtQueue {
     if (this.broken !== null || this.size === 0) return;
     const n = this.size;
     if (!(id >= 0 && id < n) || this.chainLen[id] === 0) this.fail("USED_HEAD", id, `buffer id ${id} is not in flight`);
+    if (this.inOrder) return this.hold.done(id, len, this.emitFn);
     const count = this.chainLen[id]!;
     this.chainLen[id] = 0;
     this.inflightDescs -= count;
-    const o = this.dBase + this.usedPos * 4;
+    this.inflight?.pushed(id);
+    this.writeUsed(this.usedPos, this.usedWrap, id, len);
+    this.advanceUsed(count);
+  }
+
+  /** Writes one used descriptor at `pos` (flags held back for the batch's first, see `push`). */
+  private writeUsed(pos: number, wrap: number, id: number, len: number): void {
+    const o = this.dBase + pos * 4;
     this.d32[o + 2] = len >>> 0;
     this.d16[2 * o + 6] = id;
     // §2.8.1: used = AVAIL and USED both equal to the device wrap counter; §2.8.3: WRITE when data was written.
-    let flags = this.usedWrap ? VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED : 0;
+    let flags = wrap ? VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED : 0;
     if (len !== 0) flags |= VIRTQ_DESC_F_WRITE;
     if (this.batchCount === 0) {
       this.batchFlagsAt = 2 * o + 7;
@@ -389,13 +443,48 @@ export class PackedQueue implements VirtQueue {
       Atomics.store(this.d16, 2 * o + 7, flags);
     }
     this.batchCount++;
+  }
+
+  /** Moves the used position past `count` ring descriptors (§2.8.6: "skips forward"). */
+  private advanceUsed(count: number): void {
     this.batchDescs += count;
     let p = this.usedPos + count;
-    if (p >= n) {
-      p -= n;
+    if (p >= this.size) {
+      p -= this.size;
       this.usedWrap ^= 1;
     }
     this.usedPos = p;
+  }
+
+  /**
+   * In order: the next buffer in availability order is done. It extends the
+   * current run while the run's last buffer was written whole (a driver
+   * takes skipped buffers as fully written); otherwise the run is closed and
+   * a new one starts at the used position. The run's one used descriptor
+   * (written by closeRun) carries the id of its last buffer, and the used
+   * position skips every descriptor of the run (packed "In-order use of descriptors").
+   */
+  private emitInOrder(id: number, len: number): void {
+    const count = this.chainLen[id]!;
+    this.chainLen[id] = 0;
+    this.inflightDescs -= count;
+    this.inflight?.pushed(id);
+    if (this.gN > 0 && this.gLen === this.fullLen[this.gId]) {
+      this.gN++;
+    } else {
+      if (this.gN > 0) this.closeRun();
+      this.gPos = this.usedPos;
+      this.gWrap = this.usedWrap;
+      this.gN = 1;
+    }
+    this.gId = id;
+    this.gLen = len;
+    this.advanceUsed(count);
+  }
+
+  private closeRun(): void {
+    this.writeUsed(this.gPos, this.gWrap, this.gId, this.gLen);
+    this.gN = 0;
   }
 
   /**
@@ -405,9 +494,14 @@ export class PackedQueue implements VirtQueue {
    * named. Returns false when nothing was pushed.
    */
   flush(): boolean {
-    if (this.broken !== null || this.size === 0 || this.batchCount === 0) return false;
+    if (this.broken !== null || this.size === 0) return false;
+    if (this.gN > 0) this.closeRun();
+    if (this.batchCount === 0) return false;
+    // Inflight: entries freed and used_idx recorded before the driver can see the batch, cleared after.
+    this.inflight?.beforePublish(this.usedPos, this.usedWrap);
     // Release: every id, len and flags of the batch is visible before the first entry's flags.
     Atomics.store(this.d16, this.batchFlagsAt, this.batchFlags);
+    this.inflight?.afterPublish();
     const count = this.batchDescs;
     this.batchCount = 0;
     this.batchDescs = 0;
@@ -422,6 +516,128 @@ export class PackedQueue implements VirtQueue {
     // ENABLE, reserved 3, or DESC without EVENT_IDX negotiated: notify (cf. Linux vhost_notify_packed).
     if (flags !== RING_EVENT_FLAGS_DESC || !this.eventIdx) return true;
     return !valid || packedNeedEvent(this.size, e & 0xffff, this.usedPos, this.usedWrap, count);
+  }
+
+  /** Buffers of a previous back-end not resubmitted yet. */
+  pendingResubmits(): number {
+    return this.resubmit.length - this.resubmitPos;
+  }
+
+  /** Tracks in-flight buffers in `log` (null: stop tracking). */
+  setInflight(log: PackedInflight | null): void {
+    this.inflight = log;
+    this.resubmit = [];
+    this.resubmitPos = 0;
+  }
+
+  /**
+   * The ring starts: with a fresh area (or `fresh`: the ring was stopped
+   * cleanly by this process, so nothing is in flight), begin tracking from
+   * the current used position. With an area a previous back-end filled,
+   * queue its in-flight buffers for resubmission (in the order they were
+   * taken) and continue where it was: the used position and wrap counter
+   * from the area, the avail position that many descriptors further (both
+   * sides step positions alike), whatever SET_VRING_BASE said (a front-end
+   * cannot know what the dead back-end had taken). Returns the count.
+   */
+  startInflight(fresh = false): number {
+    const log = this.inflight;
+    if (log === null || !this.ready) return 0;
+    this.resubmit = [];
+    this.resubmitPos = 0;
+    if (fresh || log.version === 0) {
+      log.init(this.usedPos, this.usedWrap);
+      return 0;
+    }
+    const n = this.size;
+    let bufs: PackedInflightBuffer[];
+    try {
+      bufs = log.recover((p, wrap) => !isAvail(Atomics.load(this.d16, 2 * (this.dBase + p * 4) + 7), wrap));
+    } catch (e) {
+      if (e instanceof InflightAreaError || e instanceof RangeError) this.fail("RING_ADDR", 0, `inflight area: ${e.message}`);
+      throw e;
+    }
+    this.chainLen.fill(0);
+    let total = 0;
+    for (const b of bufs) {
+      if (this.chainLen[b.id] !== 0) this.fail("HEAD_BUSY", b.id, "inflight area: buffer id in flight twice");
+      this.chainLen[b.id] = b.num;
+      total += b.num;
+    }
+    if (total > n) this.fail("AVAIL_IDX_JUMP", total, `inflight area: ${total} descriptors in flight on a ring of ${n}`);
+    this.usedPos = log.usedIdx;
+    this.usedWrap = log.usedWrap & 1;
+    // The positions of the buffers in flight belong to the device. The dead back-end may have left
+    // used descriptors there that it never published (all of a batch but its first, see `push`):
+    // the driver would take them for used when it reaches them, and the buffer, resubmitted, would
+    // complete twice. Mark them available again (their contents are in the inflight area).
+    let p = this.usedPos, wr = this.usedWrap;
+    for (let k = 0; k < total; k++) {
+      const at = 2 * (this.dBase + p * 4) + 7;
+      const f = this.d16[at]!;
+      if (((f >>> 7) & 1) === wr && ((f >>> 15) & 1) === wr) {
+        this.d16[at] = (f & ~(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) | (wr ? VIRTQ_DESC_F_AVAIL : VIRTQ_DESC_F_USED);
+      }
+      if (++p === n) {
+        p = 0;
+        wr ^= 1;
+      }
+    }
+    this.availPos = p;
+    this.availWrap = wr;
+    this.inflightDescs = total;
+    this.hold.reset(n);
+    this.gN = 0;
+    this.batchCount = 0;
+    this.batchDescs = 0;
+    this.signalledValid = false;
+    this.resubmit = bufs;
+    return bufs.length;
+  }
+
+  /**
+   * Walks a resubmitted buffer from the descriptor copies in the inflight
+   * area (its ring slots may hold other buffers' used descriptors by now),
+   * with the checks of `pop`.
+   */
+  private popStored(r: Pieces, w: Pieces): number {
+    const b = this.resubmit[this.resubmitPos++]!;
+    const log = this.inflight!;
+    const d = this.stored;
+    r.reset();
+    w.reset();
+    let total = 0, wTotal = 0, seenWrite = false;
+    for (let k = 0; k < b.num; k++) {
+      try {
+        log.stored(b.head, k, d);
+      } catch (e) {
+        if (e instanceof InflightAreaError || e instanceof RangeError) this.fail("RING_ADDR", b.id, `inflight area: ${e.message}`);
+        throw e;
+      }
+      if (d.addr < 0) this.fail("BAD_ADDR", b.id, "stored address past 2^53");
+      if (d.flags & VIRTQ_DESC_F_INDIRECT) {
+        if (b.num !== 1) this.fail("INDIRECT_NEXT", b.id, "indirect descriptor inside a chain");
+        this.walkIndirect(d.addr, d.len, b.id, r, w);
+        wTotal = this.wTotal;
+        break;
+      }
+      if (d.len === 0) this.fail("ZERO_LEN", b.id);
+      total += d.len;
+      if (total > 0xffffffff) this.fail("TOTAL_LEN", b.id, "chain longer than 4 GiB");
+      if (d.flags & VIRTQ_DESC_F_WRITE) {
+        seenWrite = true;
+        wTotal += d.len;
+        if (!this.mem.gpaPieces(d.addr, d.len, w, true)) this.fail("BAD_ADDR", b.id, `0x${d.addr.toString(16)}+${d.len} not in guest memory`);
+      } else {
+        if (seenWrite) this.fail("ORDER", b.id, "readable descriptor after a writable one");
+        if (!this.mem.gpaPieces(d.addr, d.len, r)) this.fail("BAD_ADDR", b.id, `0x${d.addr.toString(16)}+${d.len} not in guest memory`);
+      }
+    }
+    if (this.inOrder) {
+      this.hold.taken(b.id);
+      this.fullLen[b.id] = wTotal;
+    }
+    return b.id;
   }
 
   /** Writes the device area (one 32-bit store: the driver reads off_wrap and flags together). */
@@ -473,6 +689,8 @@ export class PackedQueue implements VirtQueue {
     this.usedWrap = num >>> 31;
     this.chainLen.fill(0);
     this.inflightDescs = 0;
+    this.hold.reset(this.chainLen.length);
+    this.gN = 0;
     this.batchCount = 0;
     this.batchDescs = 0;
     this.signalledValid = false;

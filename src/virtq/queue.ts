@@ -13,6 +13,12 @@ export interface VirtQueue {
   readonly size: number;
   /** VIRTIO_F_EVENT_IDX (split) / event suppression structures (packed) negotiated. */
   eventIdx: boolean;
+  /**
+   * VIRTIO_F_IN_ORDER negotiated: buffers are used in the order they were
+   * made available (completions held back by `push` until their turn), and a
+   * run of them may be published as one used entry (see InOrderHold).
+   */
+  inOrder: boolean;
   /** Set when the driver broke the ring rules; the queue does nothing more until setRings. */
   broken: VirtqError | null;
   readonly ready: boolean;
@@ -54,4 +60,75 @@ export interface RingSizes {
   desc(n: number): number;
   driver(n: number): number;
   device(n: number): number;
+}
+
+/**
+ * VIRTIO_F_IN_ORDER for either layout (VIRTIO 1.2 §2.7.9 and the packed ring's "In-order
+ * use of descriptors"): the device must use buffers in the order they were
+ * made available, but our devices may complete them in any order
+ * (asynchronous backings). `taken` records each id as it is popped; `done`
+ * records a completion and hands every completion whose turn has come, in
+ * pop order, to `emit`. Nothing is allocated per request.
+ *
+ * Batching, the queues' side: the spec lets the device write one used entry
+ * (the id of the last buffer of a run) for a whole run. A driver cannot know
+ * the lengths of the buffers it skips; it takes them as fully written (Linux
+ * does: the chain's whole device-writable length). So a run is extended only
+ * while each buffer but the last was written whole (`full(id)` bytes), and
+ * the exact length of every buffer survives.
+ * @example
+ * const h = new InOrderHold(); h.reset(4);
+ * h.taken(2); h.taken(0);
+ * h.done(0, 1, emit); // nothing yet: 2 was made available first
+ * h.done(2, 9, emit); // emit(2, 9), then emit(0, 1)
+ */
+export class InOrderHold {
+  private ord = new Uint16Array(0);
+  private lens = new Uint32Array(0);
+  private isDone = new Uint8Array(0);
+  private head = 0;
+  private count = 0;
+
+  /** Forgets everything; room for `size` ids. */
+  reset(size: number): void {
+    if (this.ord.length !== size) {
+      this.ord = new Uint16Array(size);
+      this.lens = new Uint32Array(size);
+      this.isDone = new Uint8Array(size);
+    } else {
+      this.isDone.fill(0);
+    }
+    this.head = 0;
+    this.count = 0;
+  }
+
+  /** Ids taken and not yet emitted. */
+  get pending(): number {
+    return this.count;
+  }
+
+  /** Id `id` was popped (the next in availability order). */
+  taken(id: number): void {
+    const n = this.ord.length;
+    if (this.count === n) throw new RangeError(`in-order: more than ${n} buffers in flight`);
+    let at = this.head + this.count;
+    if (at >= n) at -= n;
+    this.ord[at] = id;
+    this.count++;
+  }
+
+  /** Id `id` completed with `len` bytes written; emits every completion whose turn has come. */
+  done(id: number, len: number, emit: (id: number, len: number) => void): void {
+    this.isDone[id] = 1;
+    this.lens[id] = len;
+    const n = this.ord.length;
+    while (this.count > 0) {
+      const h = this.ord[this.head]!;
+      if (this.isDone[h] === 0) break;
+      this.isDone[h] = 0;
+      if (++this.head === n) this.head = 0;
+      this.count--;
+      emit(h, this.lens[h]!);
+    }
+  }
 }

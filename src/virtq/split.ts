@@ -17,7 +17,7 @@ import { GuestMemoryError, VirtqError, type VirtqCode } from "../errors.ts";
 import type { GuestMemory, Span } from "../memory/guest_memory.ts";
 import { newSpan } from "../memory/guest_memory.ts";
 import { Pieces } from "../memory/pieces.ts";
-import type { RingSizes, VirtQueue } from "./queue.ts";
+import { InOrderHold, type RingSizes, type VirtQueue } from "./queue.ts";
 import type { SplitInflight } from "./inflight.ts";
 
 export const VRING_DESC_F_NEXT = 1;
@@ -47,7 +47,19 @@ export class SplitQueue implements VirtQueue {
   usedIdx = 0;
   /** VIRTIO_F_EVENT_IDX negotiated. */
   eventIdx = false;
+  /** VIRTIO_F_IN_ORDER negotiated (see InOrderHold). */
+  inOrder = false;
   broken: VirtqError | null = null;
+  // In-order: completions held back until their turn, the device-writable bytes of each chain
+  // in flight, and the run being built (one used element at gStart for gN buffers, §2.7.9).
+  private readonly hold = new InOrderHold();
+  private fullLen = new Uint32Array(0);
+  private wTotal = 0;
+  private gStart = 0;
+  private gN = 0;
+  private gId = 0;
+  private gLen = 0;
+  private readonly emitFn = (id: number, len: number) => this.emitInOrder(id, len);
 
   // Whole-window views and base indexes (in elements of the view) of each ring.
   private d16: Uint16Array = new Uint16Array(0);
@@ -95,6 +107,10 @@ export class SplitQueue implements VirtQueue {
     this.usedIdx = Atomics.load(this.u16, this.uBase16 + 1);
     this.signalledValid = false;
     this.broken = null;
+    // Called with nothing in flight (quiesced): nothing is held back.
+    this.hold.reset(size);
+    if (this.fullLen.length !== size) this.fullLen = new Uint32Array(size);
+    this.gN = 0;
   }
 
   /** Forgets the ring views (before the memory behind them is unmapped). */
@@ -155,6 +171,7 @@ export class SplitQueue implements VirtQueue {
     let indirect = false;
     let seenWrite = false;
     let total = 0;
+    let wTotal = 0;
     let i = head;
     const mem = this.mem;
     for (;;) {
@@ -184,7 +201,8 @@ export class SplitQueue implements VirtQueue {
       if (total > 0xffffffff) this.fail("TOTAL_LEN", i, "chain longer than 4 GiB");
       if (flags & VRING_DESC_F_WRITE) {
         seenWrite = true;
-        if (!mem.gpaPieces(addr, len, w)) this.fail("BAD_ADDR", i, `0x${addr.toString(16)}+${len} not in guest memory`);
+        wTotal += len;
+        if (!mem.gpaPieces(addr, len, w, true)) this.fail("BAD_ADDR", i, `0x${addr.toString(16)}+${len} not in guest memory`);
       } else {
         if (seenWrite) this.fail("ORDER", i, "readable descriptor after a writable one");
         if (!mem.gpaPieces(addr, len, r)) this.fail("BAD_ADDR", i, `0x${addr.toString(16)}+${len} not in guest memory`);
@@ -193,6 +211,7 @@ export class SplitQueue implements VirtQueue {
       if (next >= tableSize) this.fail("NEXT_RANGE", i, `next ${next} >= ${tableSize}`);
       i = next;
     }
+    this.wTotal = wTotal;
   }
 
   /** A view of an indirect table; copied to a bounce buffer when not 4-aligned or not contiguous. */
@@ -221,14 +240,27 @@ export class SplitQueue implements VirtQueue {
   }
 
   pop(r: Pieces, w: Pieces): number {
+    let head: number;
     if (this.resubmitPos < this.resubmit.length) {
-      const head = this.resubmit[this.resubmitPos++]!;
+      head = this.resubmit[this.resubmitPos++]!;
       this.walk(head, r, w);
-      return head;
+    } else {
+      head = this.peekHead();
+      if (head < 0) return head;
+      this.take(head, r, w);
     }
-    const head = this.peekHead();
-    if (head >= 0) this.take(head, r, w);
+    if (this.inOrder) {
+      // A head made available twice is caught by the caller (HEAD_BUSY); never let it overfill the hold.
+      if (this.hold.pending >= this.size) this.fail("HEAD_BUSY", head, `more than ${this.size} chains in flight`);
+      this.hold.taken(head);
+      this.fullLen[head] = this.wTotal;
+    }
     return head;
+  }
+
+  /** Chains of a previous back-end not resubmitted yet. */
+  pendingResubmits(): number {
+    return this.resubmit.length - this.resubmitPos;
   }
 
   /** Tracks in-flight chains in `log` (null: stop tracking). */
@@ -244,10 +276,11 @@ export class SplitQueue implements VirtQueue {
    * the order they were taken) and continue the avail ring after them:
    * chains taken = chains used + chains in flight.
    */
-  startInflight(): number {
+  startInflight(fresh = false): number {
     const log = this.inflight;
     if (log === null || !this.ready) return 0;
-    if (log.version === 0) {
+    // `fresh`: this process stopped the ring cleanly (nothing in flight), e.g. a ring reset with a new size.
+    if (fresh || log.version === 0) {
       log.init(this.usedIdx);
       this.resubmit = [];
     } else {
@@ -268,14 +301,48 @@ export class SplitQueue implements VirtQueue {
     this.lastAvail = num;
   }
 
-  /** Puts a completed chain in the used ring (visible to the driver after flush). */
+  /**
+   * Puts a completed chain in the used ring (visible to the driver after
+   * flush). In order (VIRTIO_F_IN_ORDER), a chain completed before those
+   * made available earlier waits for them.
+   */
   push(head: number, len: number): void {
     if (head >= this.size) this.fail("USED_HEAD", head);
+    if (this.inOrder) return this.hold.done(head, len, this.emitFn);
     const e = this.uBase32 + 1 + 2 * (this.usedIdx & (this.size - 1));
     this.u32[e] = head;
     this.u32[e + 1] = len >>> 0;
     this.usedIdx = (this.usedIdx + 1) & 0xffff;
     this.inflight?.pushed(head);
+  }
+
+  /**
+   * The next buffer in availability order is done. It extends the current
+   * run when the run's last buffer was written whole (the driver takes a
+   * skipped buffer as fully written), else the run is closed and a new one
+   * starts here. Each buffer still counts one used index (§2.7.9: "increments
+   * the used idx by the size of the batch").
+   */
+  private emitInOrder(head: number, len: number): void {
+    if (this.gN > 0 && this.gLen === this.fullLen[this.gId]) {
+      this.gN++;
+    } else {
+      if (this.gN > 0) this.closeRun();
+      this.gStart = this.usedIdx;
+      this.gN = 1;
+    }
+    this.gId = head;
+    this.gLen = len;
+    this.usedIdx = (this.usedIdx + 1) & 0xffff;
+    this.inflight?.pushed(head);
+  }
+
+  /** Writes the run's one used element (id and length of its last buffer) at the run's first index. */
+  private closeRun(): void {
+    const e = this.uBase32 + 1 + 2 * (this.gStart & (this.size - 1));
+    this.u32[e] = this.gId;
+    this.u32[e + 1] = this.gLen >>> 0;
+    this.gN = 0;
   }
 
   /**
@@ -285,6 +352,7 @@ export class SplitQueue implements VirtQueue {
    * load-acquire of used.idx pairs with it.
    */
   flush(): boolean {
+    if (this.gN > 0) this.closeRun();
     const newIdx = this.usedIdx;
     Atomics.store(this.u16, this.uBase16 + 1, newIdx);
     // Only now is the batch out of flight (the driver can see it).

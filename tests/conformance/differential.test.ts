@@ -182,7 +182,7 @@ interface RunResult {
 }
 
 /** Runs `ops` over one connection layout, with the stop and resume after STOP_AT + 2. */
-function run(socket: string, packed: boolean, ops: Op[], image: Uint8Array): RunResult {
+function run(socket: string, packed: boolean, ops: Op[], image: Uint8Array, inOrder = false): RunResult {
   const shadow = image.slice();
   const known = new Uint8Array(SECTORS).fill(1);
   const res: RunResult = {
@@ -223,7 +223,7 @@ function run(socket: string, packed: boolean, ops: Op[], image: Uint8Array): Run
   };
   const connect = (base?: number[]): BlkDriver => {
     const drv = BlkDriver.connect(socket, {
-      packed, queues: QUEUES, depth: DEPTH, maxIo: MAX_IO, queueSize: packed ? PACKED_RING : SPLIT_RING, base, timeoutMs: 5000,
+      packed, queues: QUEUES, depth: DEPTH, maxIo: MAX_IO, queueSize: packed ? PACKED_RING : SPLIT_RING, base, timeoutMs: 5000, inOrder,
     });
     drv.onComplete = onComplete;
     return drv;
@@ -332,22 +332,26 @@ describe.skipIf(skip !== null)(`split and packed rings, one workload${skip ? ` [
   let dir = "";
   const image = fillRandom(new Uint8Array(DISK), rng(0x1a6e));
   const ops = workload(SEED);
-  const be: Record<"split" | "packed", Backend | null> = { split: null, packed: null };
-  const paths = { split: "", packed: "" };
-  const results: Partial<Record<"split" | "packed", RunResult>> = {};
+  // The in-order runs (VIRTIO_F_IN_ORDER: completions held back and batched) must be observably the same too.
+  type Run = "split" | "packed" | "split-inorder" | "packed-inorder";
+  const RUNS: Run[] = ["split", "packed", "split-inorder", "packed-inorder"];
+  const be: Record<Run, Backend | null> = { split: null, packed: null, "split-inorder": null, "packed-inorder": null };
+  const paths: Record<Run, string> = { split: "", packed: "", "split-inorder": "", "packed-inorder": "" };
+  const results: Partial<Record<Run, RunResult>> = {};
 
   beforeAll(async () => {
     dir = scratchDir("bunvhost-diff-");
-    for (const layout of ["split", "packed"] as const) {
+    for (const layout of RUNS) {
       paths[layout] = join(dir, `${layout}.img`);
       writeFileSync(paths[layout], image);
-      be[layout] = await kind.start({ size: DISK, image: paths[layout], queues: QUEUES });
+      // In order on the main loop (--threads 0); in-order rings on I/O threads: ring_features.test.ts.
+      const extraArgs = layout.endsWith("inorder") ? ["--threads", "0"] : undefined;
+      be[layout] = await kind.start({ size: DISK, image: paths[layout], queues: QUEUES, extraArgs });
     }
   });
 
   afterAll(async () => {
-    await be.split?.stop();
-    await be.packed?.stop();
+    for (const layout of RUNS) await be[layout]?.stop();
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
@@ -369,6 +373,21 @@ describe.skipIf(skip !== null)(`split and packed rings, one workload${skip ? ` [
       // only when kicked, enabled or started, so it never took them and they ran after the resume.
       // (A device that polls its rings could take them; then this bound is what changes.)
       expect(r.resubmitted).toBeGreaterThanOrEqual(2);
+    });
+  }
+
+  for (const layout of ["split", "packed"] as const) {
+    test(`${layout} rings with VIRTIO_F_IN_ORDER: every request once, as predicted; same statuses, used lengths, reads and disk as without`, () => {
+      const r = run(be[`${layout}-inorder`]!.socket, layout === "packed", ops, image, true);
+      results[`${layout}-inorder`] = r;
+      expect(r.bad).toBe("");
+      expect(r.resubmitted).toBeGreaterThanOrEqual(2);
+      const base = results[layout];
+      expect(base).toBeTruthy();
+      expect(Buffer.compare(base!.status, r.status)).toBe(0);
+      expect(Buffer.compare(Buffer.from(base!.usedLen.buffer), Buffer.from(r.usedLen.buffer))).toBe(0);
+      expect(r.digest.findIndex((v, i) => v !== base!.digest[i])).toBe(-1);
+      expect(Buffer.compare(readFileSync(paths[layout]), readFileSync(paths[`${layout}-inorder`]))).toBe(0);
     });
   }
 

@@ -2,8 +2,11 @@ import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import * as sys from "../../ffi/sys.ts";
 import { GuestMemory } from "../../src/memory/guest_memory.ts";
 import { Pieces } from "../../src/memory/pieces.ts";
-import { SplitInflight, splitInflightQueueSize } from "../../src/virtq/inflight.ts";
+import { PackedInflight, SplitInflight, packedInflightQueueSize, splitInflightQueueSize } from "../../src/virtq/inflight.ts";
 import { SplitQueue } from "../../src/virtq/split.ts";
+import { PackedQueue } from "../../src/virtq/packed.ts";
+import { GuestRam } from "../../src/frontend/guest_ram.ts";
+import { PackedDriver } from "../../src/frontend/packed_driver.ts";
 
 // A split ring of 8 in 1 MiB of guest memory, and an inflight area in a plain buffer
 // (the same bytes a memfd shared with the front-end would hold).
@@ -122,5 +125,254 @@ describe("SplitInflight", () => {
     // Claim desc_num 8 but a smaller ring: recover() refuses the mismatch.
     dv.setUint16(10, 4, true);
     expect(() => backend(0)).toThrow(/inflight area for 4 descriptors/);
+  });
+});
+
+// ---- packed rings ------------------------------------------------------------------------
+
+function lcg(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => {
+    x = (Math.imul(x, 1664525) + 1013904223) >>> 0;
+    return x / 2 ** 32;
+  };
+}
+
+type Crash = "beforeFlush" | "beforePublish" | "afterPublish";
+const CRASH = new Error("back-end killed");
+
+/**
+ * PackedDriver and PackedQueue over one GuestRam with a packed inflight
+ * area; the device completes in random order and batches and is "killed"
+ * every `crashEvery` rounds at a point of `crashes` (pushes not flushed; the
+ * area updated but the batch not published; the batch published but the area
+ * not cleared), losing all its memory. A new PackedQueue then starts from the
+ * ring, the area and the driver's own base. Every request must reach the
+ * driver exactly once, with the device's bytes and length.
+ */
+function packedCrashRun(o: { size: number; seed: number; requests: number; crashEvery: number; crashes: Crash[]; inOrder?: boolean }) {
+  const n = o.size;
+  const rand = lcg(o.seed);
+  const gr = new GuestRam({ size: 16 << 20 });
+  const gm = new GuestMemory();
+  for (const reg of gr.memRegions()) gm.add(reg, gr.fd);
+  const drv = new PackedDriver(gr, { size: n, indirectMax: 4, inOrder: o.inOrder });
+  const area = new Uint8Array(packedInflightQueueSize(n));
+  let resubmitted = 0;
+  try {
+    const mk = () => {
+      const q = new PackedQueue(0, gm);
+      q.inOrder = o.inOrder ?? false;
+      q.setRings(n, gm.uvaSpan(gr.uva(drv.descGpa), 16 * n), gm.uvaSpan(gr.uva(drv.driverGpa), 4), gm.uvaSpan(gr.uva(drv.deviceGpa), 4));
+      // What our front-end sends after a back-end died: its own view (QEMU 7.2 cannot rewind packed rings).
+      q.setBase(drv.vringBase);
+      const log = new PackedInflight(area, n);
+      q.setInflight(log);
+      resubmitted += q.startInflight();
+      return { q, log };
+    };
+    let { q, log } = mk();
+    const SLOT = 4096;
+    const slots = gr.alloc(n * SLOT, 4096);
+    const tagOf = new Int32Array(n), lenOf = new Int32Array(n), slotOf = new Int32Array(n);
+    const free = Array.from({ length: n }, (_, i) => i);
+    const seen = new Uint8Array(o.requests);
+    const rp = new Pieces(4), wp = new Pieces(4);
+    let inflight: { id: number; len: number }[] = [];
+    let submitted = 0, done = 0, round = 0, crashes = 0, idle = 0;
+    while (done < o.requests) {
+      let progress = 0;
+      for (let b = 1 + Math.floor(rand() * 4); b > 0 && submitted < o.requests && free.length; b--) {
+        const nw = 1 + Math.floor(rand() * 2);
+        const indirect = rand() < 0.3;
+        if (!drv.canAdd(1 + nw, indirect)) break;
+        const s = free.pop()!;
+        const base = slots + s * SLOT;
+        gr.dv.setUint32(gr.offset(base, 4), submitted, true);
+        drv.begin(indirect);
+        drv.add(base, 16, false);
+        let wl = 0;
+        for (let k = 0; k < nw; k++) {
+          const len = 8 + Math.floor(rand() * 100);
+          drv.add(base + 64 + 256 * k, len, true);
+          wl += len;
+        }
+        const id = drv.commit();
+        tagOf[id] = submitted++;
+        lenOf[id] = wl;
+        slotOf[id] = s;
+        progress++;
+      }
+      drv.publish();
+      for (let id; (id = q.pop(rp, wp)) >= 0; progress++) {
+        // The device's work, idempotent (a resubmitted request does it again): tag ^ K into the first writable bytes.
+        const t = rp.win[0]![rp.off[0]!]! | (rp.win[0]![rp.off[0]! + 1]! << 8) | (rp.win[0]![rp.off[0]! + 2]! << 16) | (rp.win[0]![rp.off[0]! + 3]! << 24);
+        const x = (t ^ 0x5a5a5a5a) >>> 0;
+        for (let b = 0; b < 4; b++) wp.win[0]![wp.off[0]! + b] = (x >>> (8 * b)) & 0xff;
+        inflight.push({ id, len: wp.total });
+      }
+      const crashNow = ++round % o.crashEvery === 0;
+      const mode = o.crashes[Math.floor(rand() * o.crashes.length)]!;
+      let unflushed = 0;
+      try {
+        for (let k = Math.floor(rand() * (inflight.length + 1)); k > 0; k--) {
+          const j = Math.floor(rand() * inflight.length);
+          const e = inflight[j]!;
+          inflight[j] = inflight[inflight.length - 1]!;
+          inflight.pop();
+          q.push(e.id, e.len);
+          unflushed++;
+          if (rand() < 0.3 && !crashNow) {
+            q.flush();
+            unflushed = 0;
+          }
+        }
+        if (crashNow) {
+          // A crash inside flush needs a batch to publish; without one the back-end dies here.
+          if (unflushed === 0) throw CRASH;
+          if (mode === "beforePublish") {
+            const orig = log.beforePublish.bind(log);
+            log.beforePublish = (p: number, w: number) => { orig(p, w); throw CRASH; };
+          } else if (mode === "afterPublish") {
+            log.afterPublish = () => { throw CRASH; };
+          } else {
+            throw CRASH;
+          }
+        }
+        q.flush();
+        // In order, the pushes may all be held back (an older buffer still runs): nothing to publish, die after.
+        if (crashNow && o.inOrder) throw CRASH;
+        if (crashNow) throw new Error(`no crash in mode ${mode}`);
+      } catch (e) {
+        if (e !== CRASH) throw e;
+        // Killed: everything the device held in memory is gone; a new one starts over the same ring and area.
+        // The driver runs on meanwhile and may reap what the dead one published.
+        crashes++;
+        inflight = [];
+        q.detach();
+        if (rand() < 0.5) progress += reapAll();
+        ({ q, log } = mk());
+      }
+      progress += reapAll();
+      if (progress === 0 && ++idle > 50) throw new Error(`stalled: ${done}/${o.requests}, ${drv.inFlight} in flight, base 0x${q.getBase().toString(16)}`);
+      if (progress) idle = 0;
+    }
+    function reapAll(): number {
+      let got = 0;
+      while (drv.reap()) {
+        const id = drv.usedId;
+        const tag = tagOf[id]!;
+        expect(seen[tag]).toBe(0);
+        seen[tag] = 1;
+        expect(drv.usedLen).toBe(lenOf[id]!);
+        expect(gr.dv.getUint32(gr.offset(slots + slotOf[id]! * SLOT + 64, 4), true)).toBe((tag ^ 0x5a5a5a5a) >>> 0);
+        free.push(slotOf[id]!);
+        done++;
+        got++;
+      }
+      return got;
+    }
+    expect(seen.every((v) => v === 1)).toBe(true);
+    return { crashes, resubmitted };
+  } finally {
+    drv.close();
+    gm.clear();
+    gr.close();
+  }
+}
+
+describe("PackedInflight", () => {
+  test("packedInflightQueueSize() is 32 + 32 per entry, rounded up to 64", () => {
+    expect(packedInflightQueueSize(8)).toBe(320);
+    expect(packedInflightQueueSize(128)).toBe(4096 + 64);
+  });
+
+  test("pop() copies the chain into free entries before the device sees it; flush() frees them after publishing", () => {
+    const gr = new GuestRam({ size: 4 << 20 });
+    const gm = new GuestMemory();
+    for (const reg of gr.memRegions()) gm.add(reg, gr.fd);
+    const drv = new PackedDriver(gr, { size: 8 });
+    const area = new Uint8Array(packedInflightQueueSize(8));
+    try {
+      const q = new PackedQueue(0, gm);
+      q.setRings(8, gm.uvaSpan(gr.uva(drv.descGpa), 128), gm.uvaSpan(gr.uva(drv.driverGpa), 4), gm.uvaSpan(gr.uva(drv.deviceGpa), 4));
+      q.setBase(drv.vringBase);
+      q.setInflight(new PackedInflight(area, 8));
+      q.startInflight();
+      const dv = new DataView(area.buffer);
+      expect(dv.getUint16(8, true)).toBe(1); // version
+      expect(area[20]).toBe(1); // used wrap counter of a fresh ring
+      drv.begin();
+      drv.add(0x1000, 16, false);
+      drv.add(0x2000, 100, true);
+      const id = drv.commit();
+      drv.publish();
+      expect(q.pop(r, w)).toBe(id);
+      // Head entry 0 in flight with 2 descriptors (entries 0, 1); free list now starts at 2.
+      expect(area[32]).toBe(1);
+      expect(dv.getUint16(32 + 6, true)).toBe(2);
+      expect(dv.getUint16(32 + 4, true)).toBe(1); // last
+      expect(dv.getUint16(12, true)).toBe(2); // free_head
+      expect(dv.getUint16(14, true)).toBe(2); // old_free_head
+      expect(Number(dv.getBigUint64(32 + 32 + 24, true))).toBe(0x2000); // entry 1: the writable buffer
+      expect(dv.getUint32(32 + 32 + 20, true)).toBe(100);
+      expect(dv.getUint16(32 + 32 + 16, true)).toBe(id);
+      q.push(id, 100);
+      expect(area[32]).toBe(1); // pushed, not published
+      q.flush();
+      expect(area[32]).toBe(0);
+      expect(dv.getUint16(12, true)).toBe(0); // entries back at the head of the free list
+      expect(dv.getUint16(16, true)).toBe(2); // used_idx: position 2
+      expect(dv.getUint16(18, true)).toBe(2); // old_used_idx committed
+      expect(drv.reap()).toBe(true);
+    } finally {
+      drv.close();
+      gm.clear();
+      gr.close();
+    }
+  });
+
+  for (const size of [4, 7, 64]) {
+    test(`size ${size}: killed with pushes not flushed, nothing lost or completed twice`, () => {
+      const s = packedCrashRun({ size, seed: size, requests: 3000, crashEvery: 7, crashes: ["beforeFlush"] });
+      expect(s.crashes).toBeGreaterThan(50);
+      expect(s.resubmitted).toBeGreaterThan(0);
+    });
+  }
+
+  test("killed between recording the batch and publishing it: rolled back and resubmitted", () => {
+    const s = packedCrashRun({ size: 16, seed: 5, requests: 3000, crashEvery: 5, crashes: ["beforePublish"] });
+    expect(s.crashes).toBeGreaterThan(50);
+    expect(s.resubmitted).toBeGreaterThan(0);
+  });
+
+  test("killed between publishing the batch and clearing it: committed, not completed twice", () => {
+    const s = packedCrashRun({ size: 16, seed: 6, requests: 3000, crashEvery: 5, crashes: ["afterPublish"] });
+    expect(s.crashes).toBeGreaterThan(50);
+  });
+
+  test("all crash points mixed, with VIRTIO_F_IN_ORDER", () => {
+    const s = packedCrashRun({ size: 13, seed: 8, requests: 4000, crashEvery: 3, crashes: ["beforeFlush", "beforePublish", "afterPublish"], inOrder: true });
+    expect(s.crashes).toBeGreaterThan(100);
+  });
+});
+
+describe("inflight areas after a clean stop (ring reset)", () => {
+  test("SplitQueue.startInflight(true) starts a fresh area even for another ring size", () => {
+    const a = backend(0);
+    publish(1);
+    a.pop(r, w);
+    a.push(1, 0);
+    a.flush();
+    // GET_VRING_BASE stopped the ring cleanly; it restarts with 4 entries at used.idx 0 (a ring reset).
+    ram.setUint16(USED + 2, 0, true);
+    const q = new SplitQueue(0, mem);
+    q.setRings(4, mem.uvaSpan(UVA + DESC, 16 * 4), mem.uvaSpan(UVA + AVAIL, 6 + 2 * 4), mem.uvaSpan(UVA + USED, 6 + 8 * 4));
+    q.setBase(0);
+    q.setInflight(new SplitInflight(area, 4));
+    // Without `fresh` the area (for 8 entries) would be refused.
+    expect(() => q.startInflight()).toThrow(/inflight area for 8 descriptors/);
+    expect(q.startInflight(true)).toBe(0);
+    expect(new DataView(area.buffer).getUint16(10, true)).toBe(4);
   });
 });

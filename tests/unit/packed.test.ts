@@ -822,6 +822,10 @@ interface PairOptions {
   polling?: boolean;
   /** Stop and resume the device (GET_VRING_BASE, new PackedQueue, SET_VRING_BASE) every this many requests. */
   restartEvery?: number;
+  /** VIRTIO_F_IN_ORDER on both sides: buffers must come back in submission order, whatever order the device completes them. */
+  inOrder?: boolean;
+  /** Share of requests the device writes only partly (not the whole writable length). */
+  short?: number;
 }
 
 /**
@@ -833,17 +837,18 @@ interface PairOptions {
  * re-enable finds more), the driver reaps only when interrupted (or when
  * polling), so a suppressed notification that was needed stalls the run.
  */
-function pair(o: PairOptions): { kicks: number; interrupts: number; flushes: number; restarts: number } {
+function pair(o: PairOptions): { kicks: number; interrupts: number; flushes: number; restarts: number; usedWritten: number } {
   const n = o.size;
   const rand = rng(o.seed);
   const gr = track(new GuestRam({ size: 16 * MiB }));
   const gm = new GuestMemory();
   for (const reg of gr.memRegions()) gm.add(reg, gr.fd);
   try {
-    const drv = track(new PackedDriver(gr, { size: n, eventIdx: o.eventIdx, indirectMax: o.indirectMax, polling: o.polling }));
+    const drv = track(new PackedDriver(gr, { size: n, eventIdx: o.eventIdx, indirectMax: o.indirectMax, polling: o.polling, inOrder: o.inOrder }));
     const mkQueue = (base: number) => {
       const dq = new PackedQueue(0, gm);
       dq.eventIdx = o.eventIdx ?? false;
+      dq.inOrder = o.inOrder ?? false;
       dq.setRings(n, gm.uvaSpan(gr.uva(drv.descGpa), 16 * n), gm.uvaSpan(gr.uva(drv.driverGpa), 4), gm.uvaSpan(gr.uva(drv.deviceGpa), 4));
       dq.setBase(base);
       return dq;
@@ -855,6 +860,8 @@ function pair(o: PairOptions): { kicks: number; interrupts: number; flushes: num
     const slotOf = new Int32Array(n).fill(-1);
     const tagOf = new Int32Array(n);
     const wlenOf = new Int32Array(n);
+    const expLen = new Int32Array(n);
+    let lastTag = -1;
     const seen = new Uint8Array(o.requests);
     const rp = new Pieces(4), wp = new Pieces(4);
     const inflight: { id: number; len: number }[] = [];
@@ -906,7 +913,9 @@ function pair(o: PairOptions): { kicks: number; interrupts: number; flushes: num
           const tag = rp.win[0]![rp.off[0]!]! | (rp.win[0]![rp.off[0]! + 1]! << 8) | (rp.win[0]![rp.off[0]! + 2]! << 16) | (rp.win[0]![rp.off[0]! + 3]! << 24);
           const x = (tag ^ 0x5a5a5a5a) >>> 0;
           for (let b = 0; b < 4; b++) wp.win[0]![wp.off[0]! + b] = (x >>> (8 * b)) & 0xff;
-          inflight.push({ id, len: wp.total });
+          const len = o.short && rand() < o.short ? 4 + Math.floor(rand() * (wp.total - 4)) : wp.total;
+          expLen[id] = len;
+          inflight.push({ id, len });
         }
         if (!dq.enableNotification()) break;
       }
@@ -940,7 +949,10 @@ function pair(o: PairOptions): { kicks: number; interrupts: number; flushes: num
         const tag = tagOf[id]!;
         expect(seen[tag]).toBe(0);
         seen[tag] = 1;
-        expect(drv.usedLen).toBe(wlenOf[id]!);
+        if (o.inOrder) expect(tag).toBe(lastTag + 1);
+        lastTag = tag;
+        expect(drv.usedLen).toBe(expLen[id]!);
+        expect(expLen[id]!).toBeLessThanOrEqual(wlenOf[id]!);
         expect(dvw.getUint32(gr.offset(base + 64, 4), true)).toBe((tag ^ 0x5a5a5a5a) >>> 0);
         slotOf[id] = -1;
         freeSlots.push(s);
@@ -990,11 +1002,32 @@ function pair(o: PairOptions): { kicks: number; interrupts: number; flushes: num
     expect(seen.every((v) => v === 1)).toBe(true);
     expect(drv.inFlight).toBe(0);
     expect(dq.getBase()).toBe(drv.vringBase);
-    return { kicks: drv.kicks, interrupts, flushes, restarts };
+    return { kicks: drv.kicks, interrupts, flushes, restarts, usedWritten: drv.usedEntries };
   } finally {
     gm.clear();
   }
 }
+
+describe("PackedDriver, VIRTIO_F_NOTIFICATION_DATA", () => {
+  test("each notification computes vq index | next position << 16 | driver wrap counter << 31", () => {
+    const gr = track(new GuestRam({ size: 4 * MiB }));
+    const drv = track(new PackedDriver(gr, { size: 3, index: 1, notificationData: true }));
+    for (let i = 0; i < 4; i++) {
+      drv.begin();
+      drv.add(0x1000, 16, false);
+      drv.commit();
+      drv.kick(true);
+      // Next positions 1, 2, 0 (wrap 0), 1 (wrap 0).
+      expect(drv.notifyData).toBe(((drv.availIndex << 16) | 1) >>> 0);
+      // Play the device: mark the buffer used, so that the ring of 3 has room for the next.
+      const dev = rawDevice(gr, drv);
+      const pos = drv.lastUsedIndex & 0x7fff, wrap = drv.lastUsedIndex >>> 15;
+      dev.use(pos, dev.desc(pos).id, 0, wrap ? AVAIL | USED : 0);
+      expect(drv.reap()).toBe(true);
+    }
+    expect(drv.notifyData >>> 31).toBe(0); // the 4th buffer went in on the second lap
+  });
+});
 
 describe("PackedDriver ↔ PackedQueue", () => {
   for (const size of [1, 3, 5, 7, 127, 256]) {
@@ -1002,6 +1035,25 @@ describe("PackedDriver ↔ PackedQueue", () => {
       pair({ size, seed: size * 7 + 1, requests: 4000, eventIdx: true, indirectMax: 5 });
     });
   }
+
+  for (const size of [1, 3, 7, 64, 256]) {
+    test(`IN_ORDER, size ${size}: completed out of order, used in order; runs of whole buffers share one used descriptor`, () => {
+      const s = pair({ size, seed: size * 13 + 5, requests: 4000, eventIdx: true, indirectMax: 5, inOrder: true });
+      // Every buffer was written whole, so a flush publishes its completions as one run (size 1: one buffer at a time).
+      if (size === 1) expect(s.usedWritten).toBe(4000);
+      else expect(s.usedWritten).toBeLessThan(size >= 7 ? 4000 * 0.7 : 4000);
+    });
+  }
+
+  test("IN_ORDER with partly written buffers: every length is exact (a run ends at a partly written buffer)", () => {
+    const s = pair({ size: 32, seed: 77, requests: 4000, eventIdx: true, indirectMax: 5, inOrder: true, short: 0.3 });
+    expect(s.usedWritten).toBeLessThan(4000);
+  });
+
+  test("IN_ORDER across GET_VRING_BASE / SET_VRING_BASE restarts and wraps", () => {
+    const s = pair({ size: 7, seed: 78, requests: 3000, eventIdx: false, indirectMax: 4, restartEvery: 97, inOrder: true, short: 0.1 });
+    expect(s.restarts).toBeGreaterThan(20);
+  });
 
   test("size 64 without EVENT_IDX (ENABLE/DISABLE both ways)", () => {
     pair({ size: 64, seed: 11, requests: 3000 });

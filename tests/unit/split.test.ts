@@ -3,6 +3,9 @@ import * as sys from "../../ffi/sys.ts";
 import { GuestMemory } from "../../src/memory/guest_memory.ts";
 import { Pieces } from "../../src/memory/pieces.ts";
 import { VirtqError } from "../../src/errors.ts";
+import { GuestRam } from "../../src/frontend/guest_ram.ts";
+import { SplitDriver } from "../../src/frontend/split_driver.ts";
+import { InOrderHold } from "../../src/virtq/queue.ts";
 import {
   SplitQueue, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, vringNeedEvent,
 } from "../../src/virtq/split.ts";
@@ -252,5 +255,264 @@ describe("SplitQueue", () => {
     expect(ram.getUint16(USED + 4 + 8 * SIZE, true)).toBe(1);
     publish(0);
     expect(q.enableNotification()).toBe(true);
+  });
+});
+
+// ---- SplitDriver ↔ SplitQueue: in order ------------------------------------------------
+
+
+function lcg(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => {
+    x = (Math.imul(x, 1664525) + 1013904223) >>> 0;
+    return x / 2 ** 32;
+  };
+}
+
+/**
+ * SplitDriver and SplitQueue over one GuestRam, both with VIRTIO_F_IN_ORDER:
+ * random chains (sometimes indirect), completed by the device in random order
+ * and random batches, some written only partly; optional GET_VRING_BASE /
+ * SET_VRING_BASE restarts. The driver must get every request back once, in
+ * submission order, with its exact length, and free descriptors in ring order.
+ */
+function splitPair(o: { size: number; seed: number; requests: number; eventIdx?: boolean; short?: number; restartEvery?: number; base?: number }) {
+  const n = o.size;
+  const rand = lcg(o.seed);
+  const gr = new GuestRam({ size: 16 << 20 });
+  const gm = new GuestMemory();
+  for (const reg of gr.memRegions()) gm.add(reg, gr.fd);
+  const drv = new SplitDriver(gr, { size: n, eventIdx: o.eventIdx, indirectMax: 4, inOrder: true, base: o.base ?? 0 });
+  try {
+    const mk = (base: number) => {
+      const q = new SplitQueue(0, gm);
+      q.eventIdx = o.eventIdx ?? false;
+      q.inOrder = true;
+      q.setRings(n, gm.uvaSpan(gr.uva(drv.descGpa), 16 * n), gm.uvaSpan(gr.uva(drv.availGpa), 6 + 2 * n), gm.uvaSpan(gr.uva(drv.usedGpa), 6 + 8 * n));
+      q.setBase(base);
+      return q;
+    };
+    let dq = mk(drv.vringBase);
+    const SLOT = 4096;
+    const slots = gr.alloc(n * SLOT, 4096);
+    const tagOf = new Int32Array(n), wlenOf = new Int32Array(n), expLen = new Int32Array(n), slotOf = new Int32Array(n);
+    const free = Array.from({ length: n }, (_, i) => i);
+    const rp = new Pieces(4), wp = new Pieces(4);
+    const inflight: { id: number; len: number }[] = [];
+    let submitted = 0, done = 0, lastTag = -1, restarts = 0, idle = 0, expectHead = 0;
+    for (;;) {
+      if (done === o.requests) break;
+      let progress = 0;
+      for (let b = 1 + Math.floor(rand() * 4); b > 0 && submitted < o.requests; b--) {
+        const nw = 1 + Math.floor(rand() * 2);
+        const indirect = rand() < 0.3;
+        if (!drv.canAdd(1 + nw, indirect) || free.length === 0) break;
+        const s = free.pop()!;
+        const base = slots + s * SLOT;
+        gr.dv.setUint32(gr.offset(base, 4), submitted, true);
+        // Ring order (§2.7.9 driver requirement): a direct chain starts where the last one ended.
+        if (!indirect) expect(drv["freeHead"]).toBe(expectHead);
+        drv.begin(indirect);
+        drv.add(base, 16, false);
+        let wl = 0;
+        for (let k = 0; k < nw; k++) {
+          const len = 8 + Math.floor(rand() * 100);
+          drv.add(base + 64 + 256 * k, len, true);
+          wl += len;
+        }
+        const id = drv.commit();
+        expectHead = (id + (indirect ? 1 : 1 + nw)) % n;
+        tagOf[id] = submitted++;
+        wlenOf[id] = wl;
+        slotOf[id] = s;
+        progress++;
+      }
+      drv.kick();
+      for (let id; (id = dq.pop(rp, wp)) >= 0; progress++) {
+        const len = o.short && rand() < o.short ? 1 + Math.floor(rand() * (wp.total - 1)) : wp.total;
+        expLen[id] = len;
+        inflight.push({ id, len });
+      }
+      for (let k = Math.floor(rand() * (inflight.length + 1)); k > 0; k--) {
+        const j = Math.floor(rand() * inflight.length);
+        const e = inflight[j]!;
+        inflight[j] = inflight[inflight.length - 1]!;
+        inflight.pop();
+        dq.push(e.id, e.len);
+        if (rand() < 0.3) dq.flush();
+      }
+      dq.flush();
+      while (drv.reap()) {
+        const id = drv.usedId;
+        expect(tagOf[id]).toBe(lastTag + 1);
+        lastTag = tagOf[id]!;
+        expect(drv.usedLen).toBe(expLen[id]!);
+        free.push(slotOf[id]!);
+        done++;
+        progress++;
+      }
+      if (o.restartEvery && done >= (restarts + 1) * o.restartEvery) {
+        while (inflight.length) {
+          const e = inflight.pop()!;
+          dq.push(e.id, e.len);
+        }
+        dq.flush();
+        const base = dq.getBase();
+        dq.detach();
+        dq = mk(base);
+        restarts++;
+      }
+      if (progress === 0 && ++idle > 50) throw new Error(`stalled at ${done}/${o.requests}`);
+      if (progress) idle = 0;
+    }
+    expect(drv.inFlight).toBe(0);
+    expect(drv.numFree).toBe(n);
+    return { usedEntries: drv.usedEntries, restarts };
+  } finally {
+    drv.close();
+    gm.clear();
+    gr.close();
+  }
+}
+
+describe("SplitQueue, VIRTIO_F_IN_ORDER (raw ring)", () => {
+  test("completions held back until their turn; one used element per run of whole buffers, idx moved by the run", () => {
+    q.inOrder = true;
+    for (const h of [0, 1, 2, 3]) {
+      desc(h, 0x10000 + h * 0x100, 64, VRING_DESC_F_WRITE);
+      publish(h);
+    }
+    for (const h of [0, 1, 2, 3]) expect(q.pop(r, w)).toBe(h);
+    ram.setUint32(USED + 4, 0xeeee, true); // stale element 0, must be overwritten
+    q.push(2, 64);
+    q.push(1, 64);
+    q.flush();
+    expect(usedIdx()).toBe(0); // 0 is not done: 1 and 2 wait
+    q.push(0, 64);
+    q.push(3, 10); // written partly: ends a run, but it is the last one anyway
+    q.flush();
+    // One element for the run 0, 1, 2, 3 (all but the last written whole): id 3, its length; idx + 4.
+    expect(usedIdx()).toBe(4);
+    expect(usedElem(0)).toEqual([3, 10]);
+  });
+
+  test("a partly written buffer inside a run closes the run there (its length is kept exactly)", () => {
+    q.inOrder = true;
+    for (const h of [4, 5, 6]) {
+      desc(h, 0x10000 + h * 0x100, 64, VRING_DESC_F_WRITE);
+      publish(h);
+    }
+    for (const h of [4, 5, 6]) q.pop(r, w);
+    q.push(4, 64);
+    q.push(5, 7);
+    q.push(6, 64);
+    q.flush();
+    expect(usedIdx()).toBe(3);
+    expect(usedElem(0)).toEqual([5, 7]); // run 4, 5 (5 partly written: last of its run)
+    expect(usedElem(2)).toEqual([6, 64]); // run 6 at index 2; index 1 is not written
+  });
+
+  test("a head made available more times than the ring holds breaks the queue (HEAD_BUSY), never overfills the hold", () => {
+    q.inOrder = true;
+    desc(0, 0x10000, 64, VRING_DESC_F_WRITE);
+    for (let i = 0; i < SIZE; i++) publish(0);
+    for (let i = 0; i < SIZE; i++) q.pop(r, w);
+    publish(0); // one more: within the ring-size bound of avail.idx, but a ninth chain in flight on a ring of 8
+    expect(() => q.pop(r, w)).toThrow(VirtqError);
+    expect(q.broken?.code).toBe("HEAD_BUSY");
+  });
+});
+
+describe("VIRTIO_F_NOTIFICATION_DATA (driver side)", () => {
+  test("SplitDriver: each notification computes vq index | next avail index << 16, past the 15-bit wrap", () => {
+    const gr = new GuestRam({ size: 4 << 20 });
+    const drv = new SplitDriver(gr, { size: 8, index: 3, notificationData: true, base: 0x7fff });
+    try {
+      expect(drv.notifyData).toBe(-1);
+      drv.begin();
+      drv.add(0x1000, 16, false);
+      drv.commit();
+      expect(drv.kick()).toBe(true);
+      expect(drv.notifyData).toBe(((0x8000 << 16) | 3) >>> 0); // next_off 0, next_wrap 1 (bit 15 of the index)
+    } finally {
+      drv.close();
+      gr.close();
+    }
+  });
+
+  test("SplitDriver without it computes nothing", () => {
+    const gr = new GuestRam({ size: 4 << 20 });
+    const drv = new SplitDriver(gr, { size: 8 });
+    try {
+      drv.begin();
+      drv.add(0x1000, 16, false);
+      drv.commit();
+      drv.kick();
+      expect(drv.notifyData).toBe(-1);
+    } finally {
+      drv.close();
+      gr.close();
+    }
+  });
+});
+
+describe("SplitDriver ↔ SplitQueue, VIRTIO_F_IN_ORDER", () => {
+  for (const size of [1, 4, 16, 256]) {
+    test(`size ${size}: out-of-order device completions come back in order; whole buffers share used elements`, () => {
+      const s = splitPair({ size, seed: size + 3, requests: 4000, eventIdx: true });
+      if (size === 1) expect(s.usedEntries).toBe(4000);
+      else expect(s.usedEntries).toBeLessThan(size >= 16 ? 4000 * 0.7 : 4000);
+    });
+  }
+
+  test("partly written buffers end runs: every length exact; across the 16-bit index wrap", () => {
+    const s = splitPair({ size: 32, seed: 9, requests: 4000, short: 0.3, base: 65000 });
+    expect(s.usedEntries).toBeLessThan(4000);
+  });
+
+  test("GET_VRING_BASE / SET_VRING_BASE restarts mid-run keep the order", () => {
+    const s = splitPair({ size: 8, seed: 10, requests: 3000, short: 0.1, restartEvery: 89 });
+    expect(s.restarts).toBeGreaterThan(20);
+  });
+
+  test("a used element naming a chain past used.idx is refused (BAD_USED)", () => {
+    const gr = new GuestRam({ size: 4 << 20 });
+    const drv = new SplitDriver(gr, { size: 8, inOrder: true });
+    try {
+      const heads: number[] = [];
+      for (let i = 0; i < 3; i++) {
+        drv.begin();
+        drv.add(0x1000, 16, true);
+        heads.push(drv.commit());
+      }
+      drv.publish();
+      // A device claims a run ending at the third chain but moves used.idx by 2 only.
+      const u = gr.offset(drv.usedGpa, 6 + 8 * 8);
+      gr.dv.setUint32(u + 4, heads[2]!, true);
+      gr.dv.setUint16(u + 2, 2, true);
+      expect(() => drv.reap()).toThrow(/past used.idx/);
+    } finally {
+      drv.close();
+      gr.close();
+    }
+  });
+});
+
+describe("InOrderHold", () => {
+  test("done() emits in taken order, holding back completions whose turn has not come, across the circle", () => {
+    const h = new InOrderHold();
+    h.reset(4);
+    const out: number[] = [];
+    const emit = (id: number, len: number) => out.push(id * 100 + len);
+    for (let round = 0; round < 3; round++) {
+      h.taken(3); h.taken(1); h.taken(2);
+      h.done(2, 7, emit);
+      h.done(1, 5, emit);
+      expect(out).toEqual([]);
+      h.done(3, 9, emit);
+      expect(out).toEqual([309, 105, 207]);
+      out.length = 0;
+      expect(h.pending).toBe(0);
+    }
   });
 });
