@@ -12,6 +12,7 @@ import { GuestMemoryError } from "../errors.ts";
 import type { MemRegion } from "../protocol/messages.ts";
 import { DEFAULT_WINDOW_SIZE, MappedRegion, WINDOW_OVERLAP, type SharedRegion } from "./region.ts";
 import type { Pieces } from "./pieces.ts";
+import type { Iotlb } from "./iotlb.ts";
 
 /** A contiguous view of guest memory: `win[off .. off + len)`. */
 export interface Span {
@@ -29,6 +30,13 @@ export const newSpan = (): Span => ({ win: EMPTY, u16: EMPTY16, u32: EMPTY32, of
 export class GuestMemory {
   readonly regions: MappedRegion[] = [];
   private last: MappedRegion | null = null;
+  private lastUva: MappedRegion | null = null;
+  /**
+   * The device IOTLB while VIRTIO_F_ACCESS_PLATFORM is negotiated (null: off).
+   * When set, the addresses given to gpaSpan/gpaPieces/ringSpan/ringGpa are
+   * I/O virtual addresses, translated through it (see iotlb.ts).
+   */
+  iotlb: Iotlb | null = null;
 
   constructor(readonly windowSize = DEFAULT_WINDOW_SIZE) {}
 
@@ -59,6 +67,7 @@ export class GuestMemory {
     if (i < 0) return false;
     const [m] = this.regions.splice(i, 1);
     if (this.last === m) this.last = null;
+    if (this.lastUva === m) this.lastUva = null;
     m!.unmap();
     return true;
   }
@@ -79,6 +88,7 @@ export class GuestMemory {
     for (const m of this.regions) m.unmap();
     this.regions.length = 0;
     this.last = null;
+    this.lastUva = null;
   }
 
   get size(): number {
@@ -115,6 +125,7 @@ export class GuestMemory {
    * and crosses a window).
    */
   gpaSpan(gpa: number, len: number, out: Span = newSpan()): Span {
+    if (this.iotlb !== null) return this.iotlb.span(gpa, len, 1, out);
     const m = this.findGpa(gpa);
     if (m === null || len > m.gpaEnd - gpa) throw new GuestMemoryError(gpa, len);
     return this.contiguous(m, gpa - m.gpa, len, gpa, out);
@@ -142,7 +153,9 @@ export class GuestMemory {
    * and window boundaries. Returns false (appending nothing further) when a
    * byte of the range is outside guest memory.
    */
-  gpaPieces(gpa: number, len: number, out: Pieces): boolean {
+  gpaPieces(gpa: number, len: number, out: Pieces, write = false): boolean {
+    // With an IOTLB, `gpa` is an IOVA and `write` is checked against the entry's permission.
+    if (this.iotlb !== null) return this.iotlb.pieces(gpa, len, write, out);
     const ws = this.windowSize;
     while (len > 0) {
       const m = this.findGpa(gpa);
@@ -158,6 +171,60 @@ export class GuestMemory {
       len -= n;
     }
     return true;
+  }
+
+  private findUva(uva: number): MappedRegion | null {
+    const l = this.lastUva;
+    if (l !== null && uva >= l.uva && uva < l.uvaEnd) return l;
+    const rs = this.regions;
+    for (let i = 0; i < rs.length; i++) {
+      const m = rs[i]!;
+      if (uva >= m.uva && uva < m.uvaEnd) return (this.lastUva = m);
+    }
+    return null;
+  }
+
+  /** As gpaPieces, for a front-end virtual address (IOTLB entries point there). */
+  uvaPieces(uva: number, len: number, out: Pieces): boolean {
+    const ws = this.windowSize;
+    while (len > 0) {
+      const m = this.findUva(uva);
+      if (m === null) return false;
+      const off = uva - m.uva;
+      const k = Math.floor(off / ws);
+      const inWin = off - k * ws;
+      const n = Math.min(len, m.uvaEnd - uva, ws - inWin);
+      out.add(m.windows[k]!, inWin, n, m.host + off, m.gpa + off);
+      uva += n;
+      len -= n;
+    }
+    return true;
+  }
+
+  /** Whether every byte of [uva, uva + len) lies in some region. */
+  uvaCovered(uva: number, len: number): boolean {
+    while (len > 0) {
+      const m = this.findUva(uva);
+      if (m === null) return false;
+      const n = Math.min(len, m.uvaEnd - uva);
+      uva += n;
+      len -= n;
+    }
+    return true;
+  }
+
+  /**
+   * A ring of SET_VRING_ADDR: a front-end virtual address, or an IOVA needing
+   * `perm` (1 read, 2 write, 3 both) while the IOTLB is on.
+   * @throws GuestMemoryError, or IotlbMiss / IotlbAccessError with the IOTLB
+   */
+  ringSpan(addr: number, len: number, perm: number, out: Span = newSpan()): Span {
+    return this.iotlb !== null ? this.iotlb.span(addr, len, perm, out) : this.uvaSpan(addr, len, out);
+  }
+
+  /** Guest physical address of a ring address (front-end virtual, or IOVA with the IOTLB), or -1. */
+  ringGpa(addr: number): number {
+    return this.iotlb !== null ? this.iotlb.toGpa(addr) : this.uvaToGpa(addr);
   }
 }
 

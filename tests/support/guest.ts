@@ -49,6 +49,8 @@ export interface GuestOptions {
   console?: string;
   /** A QMP socket at this path. */
   qmp?: string;
+  /** More QEMU arguments, after the generated ones (devices that `blk` cannot describe, e.g. behind a vIOMMU). */
+  extra?: string[];
 }
 
 /** What differs between a migration's source QEMU and its destination. */
@@ -91,6 +93,7 @@ export class Guest {
       blk: o.blk,
       console: o.console,
       qmp: o.qmp,
+      extra: o.extra,
     };
     return new Guest(QemuProcess.start(options), options);
   }
