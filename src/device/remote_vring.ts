@@ -21,10 +21,15 @@ export type RingCommand =
   | { op: "enable"; index: number; on: boolean }
   | { op: "base"; index: number; base: number }
   | { op: "eventIdx"; index: number; on: boolean }
+  | { op: "inOrder"; index: number; on: boolean }
   | { op: "layout"; index: number; packed: boolean }
   | { op: "inflight"; index: number; area: InflightArea | null }
   | { op: "log"; index: number; area: LogArea | null }
   | { op: "refresh" }
+  /** IOTLB on (with the back-end channel fd for misses; -1: none) or off; each thread keeps its own table. */
+  | { op: "iotlb"; on: boolean; fd: number }
+  /** One front-end IOTLB_MSG (UPDATE or INVALIDATE), applied to the thread's table (rings re-map with "map"). */
+  | { op: "iotlbMsg"; type: number; iova: number; size: number; uaddr: number; perm: number }
   | { op: "stop" | "quiesce" | "resume" | "detach" | "reset" | "release"; index: number };
 
 /** The main thread's line to one I/O thread. */
@@ -78,6 +83,13 @@ export class RemoteVring implements RingCtl {
     await this.ch.request({ op: "eventIdx", index: this.index, on });
   }
 
+  async setInOrder(on: boolean): Promise<void> {
+    // A thread that does not know the command answers undefined (its switch falls through), not
+    // null: refuse loudly rather than let a driver rely on an order the thread does not keep.
+    const r = await this.ch.request({ op: "inOrder", index: this.index, on });
+    if (r === undefined && on) throw new Error(`queue ${this.index}: I/O thread ${this.ch.name} does not implement VIRTIO_F_IN_ORDER`);
+  }
+
   async setBase(num: number): Promise<void> {
     const max = this._packed ? 0xffffffff : 0xffff;
     if (num < 0 || num > max) throw new VirtqError("RING_ADDR", this.index, num, `ring base above ${max}`);
@@ -106,10 +118,13 @@ export class RemoteVring implements RingCtl {
     const a = this.addr;
     if (a === null || this.num === 0) return;
     // Validate here (throws GuestMemoryError); the thread then translates the same addresses.
+    // IOVAs (IOTLB on) may not be mapped yet: the thread asks for them (misses) itself.
     const s = this._packed ? PACKED_RING_SIZES : SPLIT_RING_SIZES;
-    this.mem.uvaSpan(a.desc, s.desc(this.num), newSpan());
-    this.mem.uvaSpan(a.avail, s.driver(this.num), newSpan());
-    this.mem.uvaSpan(a.used, s.device(this.num), newSpan());
+    if (this.mem.iotlb === null) {
+      this.mem.uvaSpan(a.desc, s.desc(this.num), newSpan());
+      this.mem.uvaSpan(a.avail, s.driver(this.num), newSpan());
+      this.mem.uvaSpan(a.used, s.device(this.num), newSpan());
+    }
     // No base here: the thread's ring keeps its own position (set by setBase, moved by requests).
     await this.ch.request({ op: "map", index: this.index, num: this.num, addr: a, eventIdx: this.eventIdx });
   }

@@ -10,7 +10,7 @@
  * end of the microtask turn that completes them.
  */
 import * as sys from "../../ffi/sys.ts";
-import { VirtqError } from "../errors.ts";
+import { GuestMemoryError, VirtqError } from "../errors.ts";
 import { Pieces } from "../memory/pieces.ts";
 import type { GuestMemory } from "../memory/guest_memory.ts";
 import { newSpan } from "../memory/guest_memory.ts";
@@ -19,13 +19,14 @@ import { ChainRangeError, ChainReader, ChainWriter } from "../virtq/chain_io.ts"
 import { SplitQueue, SPLIT_RING_SIZES } from "../virtq/split.ts";
 import { PackedQueue, PACKED_RING_SIZES } from "../virtq/packed.ts";
 import type { RingSizes, VirtQueue } from "../virtq/queue.ts";
-import type { Device, Request } from "./api.ts";
+import { PENDING, type Device, type Request } from "./api.ts";
 import type { EventLoop } from "./loop.ts";
 import type { Logger } from "./log.ts";
 import type { InflightArea, LogArea, RingCtl, RingState } from "./ring_ctl.ts";
 import { DirtyLog } from "../virtq/dirty_log.ts";
-import { SplitInflight } from "../virtq/inflight.ts";
+import { inflightQueueSize, PackedInflight, SplitInflight } from "../virtq/inflight.ts";
 import { hostView } from "../memory/region.ts";
+import { IotlbAccessError, IotlbMiss, PERM_RO, PERM_RW, PERM_WO } from "../memory/iotlb.ts";
 
 /** Completions published (used.idx stored, driver notified if it asks) at least every this many within a drain. */
 const FLUSH_EVERY = 4;
@@ -37,7 +38,13 @@ class Slot implements Request {
   readonly in = new ChainReader(this.rp);
   readonly out = new ChainWriter(this.wp);
   head = -1;
+  /** The ring that handed this slot to the device (set per request: slots never move between rings). */
+  ring: Vring | null = null;
   constructor(readonly queue: number) {}
+  /** Completion of a request whose handler returned PENDING. */
+  complete(): void {
+    this.ring!.completePending(this);
+  }
 }
 
 export interface VringHost {
@@ -48,6 +55,17 @@ export interface VringHost {
   broken(e: VirtqError): void;
   /** Device-wide in-flight accounting. */
   inflightChanged(delta: number): void;
+  /**
+   * Requests whose handler returned a Promise, settling or not (these need
+   * turns of Bun's loop; PENDING ones are completed from fd events instead).
+   */
+  promisesChanged?(delta: number): void;
+  /**
+   * IOTLB: ask the front-end for a translation (back-end IOTLB_MSG, type 1
+   * MISS) or report a refused access (type 4 ACCESS_FAIL). Returns false when
+   * the message could not be sent (retried at the next attempt).
+   */
+  iotlbReport?(type: number, iova: number, perm: number): boolean;
 }
 
 export class Vring implements RingCtl {
@@ -79,6 +97,11 @@ export class Vring implements RingCtl {
     this.q.eventIdx = on;
   }
 
+  /** VIRTIO_F_IN_ORDER: completions published in the order the chains were made available. */
+  setInOrder(on: boolean): void {
+    this.q.inOrder = on;
+  }
+
   private inflightArea: InflightArea | null = null;
   private logArea: LogArea | null = null;
   private dirty: DirtyLog | null = null;
@@ -106,20 +129,30 @@ export class Vring implements RingCtl {
   /** INFLIGHT_SHMFD: this ring's area of the shared inflight buffer (null: none). Takes effect when the ring starts. */
   setInflight(a: InflightArea | null): void {
     this.inflightArea = a;
-    if (a === null && this.q instanceof SplitQueue) this.q.setInflight(null);
+    if (a === null && (this.q instanceof SplitQueue || this.q instanceof PackedQueue)) this.q.setInflight(null);
   }
+
+  /** Set by stop(): nothing of this ring is in flight, so its inflight area starts afresh at the next start. */
+  private stoppedClean = false;
 
   /** At ring start: attach the inflight area and resubmit what a previous back-end left in flight. */
   private startInflight(): void {
     const a = this.inflightArea;
     if (a === null || !this.q.ready) return;
-    if (!(this.q instanceof SplitQueue)) {
-      this.host.log.warn(`queue ${this.index}: inflight tracking of packed rings is not implemented; a restart may lose requests`);
-      return;
+    const packed = this.q instanceof PackedQueue;
+    if (this.num > a.queueSize || a.size < inflightQueueSize(this.num, packed)) {
+      throw new VirtqError("RING_ADDR", this.index, this.num, `ring of ${this.num} does not fit the inflight area (${a.size} bytes for ${a.queueSize} entries)`);
     }
-    if (this.num > a.queueSize) throw new VirtqError("RING_ADDR", this.index, this.num, `ring of ${this.num} > inflight queue size ${a.queueSize}`);
-    this.q.setInflight(new SplitInflight(hostView(a.host, a.size), this.num));
-    const n = this.q.startInflight();
+    const fresh = this.stoppedClean;
+    this.stoppedClean = false;
+    let n: number;
+    if (this.q instanceof PackedQueue) {
+      this.q.setInflight(new PackedInflight(hostView(a.host, a.size), this.num));
+      n = this.q.startInflight(fresh);
+    } else {
+      (this.q as SplitQueue).setInflight(new SplitInflight(hostView(a.host, a.size), this.num));
+      n = (this.q as SplitQueue).startInflight(fresh);
+    }
     if (n > 0) this.host.log.info(`queue ${this.index}: resubmitting ${n} request(s) left in flight by the previous back-end`);
   }
 
@@ -129,10 +162,11 @@ export class Vring implements RingCtl {
 
   setLayout(packed: boolean): void {
     if (packed === this.packed) return;
-    const eventIdx = this.q.eventIdx;
+    const eventIdx = this.q.eventIdx, inOrder = this.q.inOrder;
     this.q.detach();
     this.q = packed ? new PackedQueue(this.index, this.host.mem) : new SplitQueue(this.index, this.host.mem);
     this.q.eventIdx = eventIdx;
+    this.q.inOrder = inOrder;
     this.sizes = packed ? PACKED_RING_SIZES : SPLIT_RING_SIZES;
   }
 
@@ -145,12 +179,23 @@ export class Vring implements RingCtl {
     const a = this.addr;
     if (a === null || this.num === 0) return;
     const mem = this.host.mem;
-    const d = mem.uvaSpan(a.desc, this.sizes.desc(this.num), newSpan());
-    const av = mem.uvaSpan(a.avail, this.sizes.driver(this.num), newSpan());
-    const u = mem.uvaSpan(a.used, this.sizes.device(this.num), newSpan());
-    const base = this.q.getBase();
     const packed = this.q.layout === "packed";
-    this.ringGpa = mem.uvaToGpa(packed ? a.desc : a.used);
+    let d, av, u;
+    try {
+      // With the IOTLB these are IOVAs: the device reads the split descriptor table and
+      // avail ring, writes the used ring; a packed descriptor ring is read and written.
+      d = mem.ringSpan(a.desc, this.sizes.desc(this.num), packed ? PERM_RW : PERM_RO, newSpan());
+      av = mem.ringSpan(a.avail, this.sizes.driver(this.num), PERM_RO, newSpan());
+      u = mem.ringSpan(a.used, this.sizes.device(this.num), PERM_WO, newSpan());
+    } catch (e) {
+      if (!(e instanceof IotlbMiss || e instanceof IotlbAccessError)) throw e;
+      // Not translatable yet: no views until the front-end's UPDATE arrives (process() retries).
+      this.q.detach();
+      this.iotlbFault(e, -1);
+      return;
+    }
+    const base = this.q.getBase();
+    this.ringGpa = mem.ringGpa(packed ? a.desc : a.used);
     this.ringLen = packed ? this.sizes.desc(this.num) : this.sizes.device(this.num);
     this.q.setRings(this.num, d, av, u);
     this.q.setBase(base);
@@ -166,6 +211,8 @@ export class Vring implements RingCtl {
     this.started = true;
     if (!wasStarted) {
       try {
+        // IOTLB: a ring not translated yet attaches its inflight area once it is (process()).
+        this.inflightAtMap = !this.q.ready && this.host.mem.iotlb !== null;
         this.startInflight();
       } catch (e) {
         if (e instanceof VirtqError) return this.fail(e);
@@ -205,6 +252,25 @@ export class Vring implements RingCtl {
   /** Pops and handles every available chain (the ring must be started, enabled and mapped). */
   process(): void {
     if (!this.started || !this.enabled || this.processing) return;
+    // IOTLB: rings waiting for a translation (a miss, an invalidation) are mapped before any access.
+    if (!this.q.ready && this.addr !== null && this.host.mem.iotlb !== null && this.q.broken === null) {
+      try {
+        this.mapRings();
+      } catch (e) {
+        // An entry pointing outside the memory table (checked at UPDATE; a later REM_MEM_REG may leave it dangling).
+        if (e instanceof GuestMemoryError) return this.fail(new VirtqError("RING_ADDR", this.index, 0, e.message));
+        throw e;
+      }
+      if (this.inflightAtMap && this.q.ready) {
+        this.inflightAtMap = false;
+        try {
+          this.startInflight();
+        } catch (e) {
+          if (e instanceof VirtqError) return this.fail(e);
+          throw e;
+        }
+      }
+    }
     const q = this.q;
     if (!q.ready || q.broken) return;
     this.processing = true;
@@ -214,7 +280,13 @@ export class Vring implements RingCtl {
         q.disableNotification();
         for (;;) {
           const slot = this.free.pop() ?? new Slot(this.index);
-          const head = q.pop(slot.rp, slot.wp);
+          let head: number;
+          try {
+            head = q.pop(slot.rp, slot.wp);
+          } catch (e) {
+            this.free.push(slot);
+            throw e;
+          }
           if (head < 0) {
             this.free.push(slot);
             break;
@@ -241,6 +313,9 @@ export class Vring implements RingCtl {
     } catch (e) {
       if (e instanceof VirtqError) {
         this.fail(e);
+      } else if (e instanceof IotlbMiss || e instanceof IotlbAccessError) {
+        // The chain was not taken (the walkers move their position only after a whole walk).
+        this.iotlbFault(e, q.getBase());
       } else {
         throw e;
       }
@@ -252,7 +327,8 @@ export class Vring implements RingCtl {
 
   /** Runs the device handler; returns true when the request completed synchronously (already pushed). */
   private handle(slot: Slot): boolean {
-    let r: void | Promise<void>;
+    let r: void | Promise<void> | typeof PENDING;
+    slot.ring = this;
     try {
       r = this.host.device.handle(slot);
     } catch (e) {
@@ -260,10 +336,16 @@ export class Vring implements RingCtl {
       this.complete(slot);
       return true;
     }
+    if (r === PENDING) return false; // the device calls slot.complete() (completePending) later
     if (r instanceof Promise) {
+      this.host.promisesChanged?.(1);
       r.then(
-        () => this.completeAsync(slot),
+        () => {
+          this.host.promisesChanged?.(-1);
+          this.completeAsync(slot);
+        },
         (e) => {
+          this.host.promisesChanged?.(-1);
           this.handlerError(slot, e);
           this.completeAsync(slot);
         },
@@ -272,6 +354,16 @@ export class Vring implements RingCtl {
     }
     this.complete(slot);
     return true;
+  }
+
+  /** A PENDING request is done: pushed now, published with the others of this microtask turn. */
+  completePending(slot: Slot): void {
+    if (slot.head < 0 || this.busy[slot.head] !== 1) {
+      // Completing twice (or a slot of another ring) would corrupt the ring: a device bug, refused loudly.
+      this.host.log.error(`queue ${this.index}: device ${this.host.device.name} completed request ${slot.head} that is not in flight`);
+      return;
+    }
+    this.completeAsync(slot);
   }
 
   private handlerError(slot: Slot, e: unknown): void {
@@ -317,6 +409,39 @@ export class Vring implements RingCtl {
     if (notify && this.callFd >= 0) sys.eventfdWrite(this.callFd);
   }
 
+  /** The ring started before its IOVAs were translated: start inflight tracking at the first mapping. */
+  private inflightAtMap = false;
+  /** Last miss asked for, when, and the table's drop count then: ask again only if it may have been lost. */
+  private missIova = -1;
+  private missGen = -1;
+  private missTime = 0;
+
+  /**
+   * A miss: ask the front-end once per table change (or after a second) and
+   * wait; process() runs again when an UPDATE arrives. A refused access
+   * breaks the queue (nothing was read or written) and is reported.
+   */
+  private iotlbFault(e: IotlbMiss | IotlbAccessError, at: number): void {
+    const t = this.host.mem.iotlb;
+    if (e instanceof IotlbMiss) {
+      const now = Date.now();
+      // Other entries arriving meanwhile do not answer this miss: the same address is asked
+      // again only after a second or after entries were dropped (the answer may be gone).
+      const gen = t?.drops ?? -1;
+      if (e.iova === this.missIova && gen === this.missGen && now - this.missTime < 1000) return;
+      if (this.host.iotlbReport?.(1, e.iova, e.perm) ?? false) {
+        this.missIova = e.iova;
+        this.missGen = gen;
+        this.missTime = now;
+      }
+      return;
+    }
+    this.host.iotlbReport?.(4, e.iova, e.perm);
+    const v = new VirtqError(at < 0 ? "RING_ADDR" : "BAD_ADDR", this.index, Math.max(at, 0), e.message);
+    this.q.broken = v;
+    this.fail(v);
+  }
+
   private fail(e: VirtqError): void {
     this.host.log.error(`virtqueue broken: ${e.message}`);
     if (this.errFd >= 0) sys.eventfdWrite(this.errFd);
@@ -338,6 +463,10 @@ export class Vring implements RingCtl {
     this.unwatchKick();
     await this.idle();
     this.flush();
+    // Everything taken was completed and published: the next start (a ring reset, possibly with
+    // another size) begins a fresh inflight area, unless chains from a previous back-end still wait.
+    const q = this.q as SplitQueue | PackedQueue;
+    this.stoppedClean = q.pendingResubmits() === 0;
     // GET_VRING_BASE also ends the front-end's use of the kick fd (libvhost-user and rust-vmm close it too).
     sys.closeQuiet(this.kickFd);
     this.kickFd = -1;
@@ -365,7 +494,7 @@ export class Vring implements RingCtl {
   async release(): Promise<RingState> {
     await this.quiesce();
     const st: RingState = {
-      num: this.num, addr: this.addr, base: this.q.getBase(), eventIdx: this.q.eventIdx, packed: this.packed, enabled: this.enabled,
+      num: this.num, addr: this.addr, base: this.q.getBase(), eventIdx: this.q.eventIdx, inOrder: this.q.inOrder, packed: this.packed, enabled: this.enabled,
       started: this.started, kickFd: this.kickFd, callFd: this.callFd, errFd: this.errFd, inflight: this.inflightArea,
       log: this.logArea,
     };
@@ -390,5 +519,6 @@ export class Vring implements RingCtl {
     this.sizes = SPLIT_RING_SIZES;
     this.busy.fill(0);
     this.inflightArea = null;
+    this.stoppedClean = false;
   }
 }

@@ -18,6 +18,7 @@ import * as sys from "../../ffi/sys.ts";
 import { GuestMemoryError, ProtocolError, type VirtqError } from "../errors.ts";
 import { GuestMemory } from "../memory/guest_memory.ts";
 import { bit, ProtocolFeature, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
+  VIRTIO_F_IN_ORDER, VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_RESET,
   VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from "../protocol/features.ts";
 import { BackendReq, HDR_SIZE, MAX_CONFIG_SIZE, Req, requestName, type Message } from "../protocol/messages.ts";
 import { encodeBackendMessage } from "../protocol/encode.ts";
@@ -27,9 +28,15 @@ import type { EventLoop } from "./loop.ts";
 import { Vring, type VringHost } from "./vring.ts";
 import { RemoteVring, type RingChannel } from "./remote_vring.ts";
 import type { RingCtl } from "./ring_ctl.ts";
-import { splitInflightQueueSize } from "../virtq/inflight.ts";
+import { INFLIGHT_ALIGN, inflightQueueSize } from "../virtq/inflight.ts";
 import { DirtyLog } from "../virtq/dirty_log.ts";
 import { MAP_SHARED, POLLOUT, PROT_READ, PROT_WRITE } from "../../ffi/constants.ts";
+import { Iotlb, IotlbEntryError, permName } from "../memory/iotlb.ts";
+import { sendIotlbReport } from "../memory/iotlb_report.ts";
+import { VIRTIO_F_ACCESS_PLATFORM } from "../protocol/features.ts";
+import { IOTLB_UPDATE, type IotlbMsg } from "../protocol/messages.ts";
+import { pipeLikeError, StateTransfer } from "./device_state.ts";
+import { backendRequestName, DEVICE_STATE_LOAD, DEVICE_STATE_PHASE_STOPPED, DEVICE_STATE_SAVE } from "../protocol/messages.ts";
 
 /** A well-formed request that the device does not honour: REPLY_ACK status 1, connection kept. */
 export class Refused extends Error {
@@ -42,15 +49,26 @@ export const MAX_MEM_SLOTS = 509;
 /** Transport and ring features the framework provides for every device. */
 export const FRAMEWORK_FEATURES =
   bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VIRTIO_RING_F_INDIRECT_DESC) |
-  bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_F_RING_PACKED) | bit(VHOST_F_LOG_ALL);
+  bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_F_RING_PACKED) | bit(VHOST_F_LOG_ALL) | bit(VIRTIO_F_ACCESS_PLATFORM) |
+  // IN_ORDER: every ring holds completions back until their turn (InOrderHold), in any thread.
+  // NOTIFICATION_DATA: the data of a driver notification is a hint (VIRTIO 1.2 §2.9: the device
+  // may use it to find the buffers); over vhost-user it is lost anyway (eventfd: a counter;
+  // VRING_KICK: `num` reserved), so rings are always read from memory and the bit costs nothing.
+  // RING_RESET: GET_VRING_BASE stops one ring (its requests complete) while the others run,
+  // and SET_VRING_NUM/ADDR/BASE/KICK restart it, with any size, from a clean state.
+  bit(VIRTIO_F_IN_ORDER) | bit(VIRTIO_F_NOTIFICATION_DATA) | bit(VIRTIO_F_RING_RESET);
 
 export const PROTOCOL_FEATURES =
   bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG) |
   bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) | bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.STATUS) |
-  bit(ProtocolFeature.INFLIGHT_SHMFD) | bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.BACKEND_REQ);
+  bit(ProtocolFeature.INFLIGHT_SHMFD) | bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.BACKEND_REQ) |
+  bit(ProtocolFeature.INBAND_NOTIFICATIONS) | bit(ProtocolFeature.DEVICE_STATE);
+
+/** How long CHECK_DEVICE_STATE waits for a transfer still draining. */
+const CHECK_WAIT_MS = 3000;
 
 /** Largest inflight buffer we map for a front-end (256 queues of 32768 entries fit). */
-const MAX_INFLIGHT_BYTES = 256 * splitInflightQueueSize(32768);
+const MAX_INFLIGHT_BYTES = 256 * inflightQueueSize(32768, true);
 
 export interface VuDevOptions {
   log: Logger;
@@ -80,6 +98,7 @@ export class VuDev {
       device, mem: this.mem, log: opts.log,
       broken: (e: VirtqError) => this.setBroken(e),
       inflightChanged: (d: number) => { this.inflight += d; },
+      iotlbReport: (type: number, iova: number, perm: number) => this.iotlbReport(type, iova, perm),
     };
     this.vrings = Array.from({ length: device.queues }, (_, i) => this.makeRing(i, opts.queueThread?.[i] ?? -1));
   }
@@ -131,6 +150,7 @@ export class VuDev {
     await v.setInflight(st.inflight);
     await v.setLog(st.log);
     await v.setEventIdx(st.eventIdx);
+    await v.setInOrder(st.inOrder);
     await v.setBase(st.base);
     await v.mapRings();
     if (st.callFd >= 0) await v.setCall(st.callFd);
@@ -152,6 +172,7 @@ export class VuDev {
   private setBroken(e: VirtqError): void {
     if (this.broken) return;
     this.broken = e;
+    if (this.inbandErr.has(e.queue)) this.sendInband(BackendReq.VRING_ERR, e.queue);
     this.opts.onBroken?.(e);
   }
 
@@ -190,11 +211,13 @@ export class VuDev {
             await v.setLayout(packed);
           }
           await v.setEventIdx(eventIdx);
+          await v.setInOrder((f & bit(VIRTIO_F_IN_ORDER)) !== 0n);
           // Without PROTOCOL_FEATURES rings are enabled as soon as they start (spec: "Ring states").
           if ((f & bit(VHOST_USER_F_PROTOCOL_FEATURES)) === 0n) await v.setEnabled(true);
         }
         this.device.setFeatures?.(f);
         await this.applyLog();
+        await this.applyIotlb();
         return null;
       }
       case R.GET_PROTOCOL_FEATURES:
@@ -202,6 +225,7 @@ export class VuDev {
       case R.SET_PROTOCOL_FEATURES: {
         const extra = m.u64! & ~PROTOCOL_FEATURES;
         if (extra !== 0n) throw new ProtocolError("SET_PROTOCOL_FEATURES", "features", `0x${extra.toString(16)} not offered`);
+        this.checkInbandFeatures(m.u64!);
         this.protocolFeatures = m.u64!;
         return null;
       }
@@ -273,6 +297,7 @@ export class VuDev {
       case R.SET_VRING_CALL:
       case R.SET_VRING_ERR: {
         const vf = m.vring!;
+        if (await this.inbandVringFd(m)) return null;
         const fd = vf.noFd ? -1 : m.fds[0]!;
         let v: RingCtl;
         try {
@@ -325,9 +350,15 @@ export class VuDev {
         m.fds = [];
         return null;
       case R.SET_BACKEND_REQ_FD:
+        // I/O threads that send IOTLB misses on the old fd hand it back before it is closed.
+        if (this.mem.iotlb !== null) for (const ch of this.channels()) await ch.request({ op: "iotlb", on: true, fd: -1 });
         sys.closeQuiet(this.backendFd);
         this.backendFd = m.fds[0]!;
         m.fds = [];
+        if (this.mem.iotlb !== null) for (const ch of this.channels()) await ch.request({ op: "iotlb", on: true, fd: this.backendFd });
+        return null;
+      case R.IOTLB_MSG:
+        await this.iotlbMsg(m.iotlb!);
         return null;
       case R.GET_INFLIGHT_FD:
         return this.getInflightFd(m);
@@ -341,6 +372,13 @@ export class VuDev {
         return null;
       case R.GET_STATUS:
         return reply({ u64: BigInt(this.status) });
+      case R.VRING_KICK:
+        await this.vringKick(m);
+        return null;
+      case R.SET_DEVICE_STATE_FD:
+        return reply({ u64: this.setDeviceStateFd(m) });
+      case R.CHECK_DEVICE_STATE:
+        return reply({ u64: await this.checkDeviceState() });
       default:
         for (const fd of m.fds) sys.closeQuiet(fd);
         m.fds.length = 0;
@@ -551,7 +589,10 @@ export class VuDev {
   private getInflightFd(m: Message): Message {
     const { numQueues, queueSize } = m.inflight!;
     if (numQueues > 256 || queueSize > 32768) throw new ProtocolError("GET_INFLIGHT_FD", "inflight", `${numQueues} queues of ${queueSize}`);
-    const size = numQueues * splitInflightQueueSize(queueSize);
+    // The layout follows the negotiated features (QEMU sends SET_FEATURES first: vhost_dev_prepare_inflight);
+    // before them it is unknown, and the packed one, the larger, fits either.
+    const packed = !this.featuresSet || (this.features & bit(VIRTIO_F_RING_PACKED)) !== 0n;
+    const size = numQueues * inflightQueueSize(queueSize, packed);
     const fd = sys.memfdCreate("bunvhost-inflight");
     try {
       sys.ftruncate(fd, size);
@@ -568,8 +609,11 @@ export class VuDev {
     m.fds = [];
     try {
       const { mmapSize, mmapOffset, numQueues, queueSize } = m.inflight!;
-      const stride = splitInflightQueueSize(queueSize);
-      if (numQueues * stride > mmapSize || mmapSize > MAX_INFLIGHT_BYTES || mmapOffset % 4096 !== 0) {
+      // Queue areas are mmapSize / numQueues apart (as GET_INFLIGHT_FD made them, whichever layout was
+      // known then); each must hold at least the negotiated layout's area (each ring checks its own at start).
+      const packed = this.featuresSet && (this.features & bit(VIRTIO_F_RING_PACKED)) !== 0n;
+      const stride = numQueues > 0 ? Math.floor(mmapSize / numQueues / INFLIGHT_ALIGN) * INFLIGHT_ALIGN : 0;
+      if ((numQueues > 0 && stride < inflightQueueSize(queueSize, packed)) || mmapSize > MAX_INFLIGHT_BYTES || mmapOffset % 4096 !== 0) {
         throw new ProtocolError("SET_INFLIGHT_FD", "inflight", `${numQueues} queues of ${queueSize} in ${mmapSize} bytes at offset ${mmapOffset}`);
       }
       const st = sys.fstat(fd);
@@ -602,10 +646,77 @@ export class VuDev {
   private async resetDevice(): Promise<void> {
     await this.quiesce();
     for (const v of this.vrings) await v.reset();
+    this.dropInband();
+    this.cancelTransfer("device reset");
     this.features = 0n;
     this.featuresSet = false;
     this.broken = null;
+    await this.applyIotlb();
     this.device.reset?.();
+  }
+
+  /** IOTLB counters since the connection started (traces, tests). */
+  readonly iotlbStats = { updates: 0, invalidations: 0, misses: 0, accessFails: 0 };
+
+  /**
+   * The IOTLB is on exactly while VIRTIO_F_ACCESS_PLATFORM is negotiated
+   * (vhost-user.rst "IOMMU support"; QEMU clears the bit towards the back-end
+   * when the device sits behind no vIOMMU, so then addresses stay plain). Every
+   * thread gets its own empty table and the back-end channel for misses; the
+   * rings re-translate (their addresses change meaning).
+   */
+  private async applyIotlb(): Promise<void> {
+    const on = (this.features & bit(VIRTIO_F_ACCESS_PLATFORM)) !== 0n;
+    if (on === (this.mem.iotlb !== null)) return;
+    await this.quiesce();
+    for (const v of this.vrings) await v.detachRings();
+    this.mem.iotlb = on ? new Iotlb(this.mem) : null;
+    for (const ch of this.channels()) await ch.request({ op: "iotlb", on, fd: on ? this.backendFd : -1 });
+    this.log.info(`IOTLB ${on ? "on (VIRTIO_F_ACCESS_PLATFORM): ring and buffer addresses are IOVAs" : "off"}`);
+    await this.resume();
+  }
+
+  /**
+   * IOTLB_MSG from the front-end. UPDATE: every thread's table gets the entry
+   * (checked against the memory table here first), then rings waiting on a
+   * miss retry. INVALIDATE of a range some entry overlaps: every ring
+   * quiesces (no request in flight can still use the old translation), every
+   * table drops the range, and the rings re-translate before their next access.
+   * The front-end's acknowledgement (REPLY_ACK) is sent only after all that.
+   */
+  private async iotlbMsg(t: IotlbMsg): Promise<void> {
+    const tbl = this.mem.iotlb;
+    if (tbl === null) throw new Refused("IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM negotiated");
+    const cmd = { op: "iotlbMsg" as const, type: t.type, iova: t.iova, size: t.size, uaddr: t.uaddr, perm: t.perm };
+    if (t.type === IOTLB_UPDATE) {
+      this.iotlbStats.updates++;
+      this.log.debug(`IOTLB update iova=0x${t.iova.toString(16)} size=0x${t.size.toString(16)} uaddr=0x${t.uaddr.toString(16)} ${permName(t.perm)}`);
+      try {
+        tbl.update(t.iova, t.size, t.uaddr, t.perm);
+      } catch (e) {
+        if (e instanceof IotlbEntryError) throw new Refused(e.message);
+        throw e;
+      }
+      for (const ch of this.channels()) await ch.request(cmd);
+      for (const v of this.vrings) if (v instanceof Vring) v.process();
+      return;
+    }
+    this.iotlbStats.invalidations++;
+    this.log.debug(`IOTLB invalidate iova=0x${t.iova.toString(16)} size=0x${t.size.toString(16)}`);
+    if (!tbl.overlaps(t.iova, t.size)) return;
+    await this.quiesce();
+    tbl.invalidate(t.iova, t.size);
+    for (const ch of this.channels()) await ch.request(cmd);
+    await this.resume();
+  }
+
+  /** A ring on the main loop asks for a translation or reports a refused access (back-end IOTLB_MSG). */
+  private iotlbReport(type: number, iova: number, perm: number): boolean {
+    if (type === 1) this.iotlbStats.misses++;
+    else this.iotlbStats.accessFails++;
+    this.log.debug(`IOTLB ${type === 1 ? "miss" : "access failure"} iova=0x${iova.toString(16)} ${permName(perm)}`);
+    if ((this.protocolFeatures & bit(ProtocolFeature.BACKEND_REQ)) === 0n) return false;
+    return sendIotlbReport(this.backendFd, type, iova, perm);
   }
 
   /**
@@ -627,6 +738,245 @@ export class VuDev {
     this.protocolFeatures = 0n;
     this.status = 0;
     this.owner = false;
+  }
+
+  // ---- in-band notifications (INBAND_NOTIFICATIONS) ------------------------------------
+
+  /**
+   * Rings whose kick or call travels as messages. Each has a relay eventfd
+   * owned here, and the ring gets a dup of it as its kick or call fd, so it
+   * runs unchanged on the main loop or in an I/O thread: VRING_KICK writes the
+   * kick relay (the ring's loop wakes as for a guest kick); a completion writes
+   * the call relay, which the main loop watches and turns into one
+   * BACKEND_VRING_CALL (calls between two wake-ups coalesce, as interrupts do).
+   * Nothing here runs per request for rings that use eventfds.
+   */
+  private readonly kickRelay = new Map<number, number>();
+  private readonly callRelay = new Map<number, { fd: number; watch: number }>();
+  /** Rings whose errors are reported with BACKEND_VRING_ERR. */
+  private readonly inbandErr = new Set<number>();
+  private inbandBuf: sys.MsgBuf | null = null;
+  private readonly inbandMsg: Message = { request: 0, flags: 0, fds: [], state: { index: 0, num: 0 } };
+
+  private get inbandOn(): boolean {
+    return (this.protocolFeatures & bit(ProtocolFeature.INBAND_NOTIFICATIONS)) !== 0n;
+  }
+
+  /** Spec ("In-band notifications"): INBAND without BACKEND_REQ and REPLY_ACK is an error the back-end answers by closing. */
+  private checkInbandFeatures(f: bigint): void {
+    const need = bit(ProtocolFeature.BACKEND_REQ) | bit(ProtocolFeature.REPLY_ACK);
+    if ((f & bit(ProtocolFeature.INBAND_NOTIFICATIONS)) !== 0n && (f & need) !== need) {
+      throw new ProtocolError("SET_PROTOCOL_FEATURES", "features", "INBAND_NOTIFICATIONS without both BACKEND_REQ and REPLY_ACK");
+    }
+  }
+
+  /**
+   * SET_VRING_KICK/CALL/ERR: with INBAND negotiated and the no-fd flag, sets
+   * the ring up for messages and returns true. Otherwise drops any in-band
+   * set-up of that ring and returns false (the caller handles the fd).
+   */
+  private async inbandVringFd(m: Message): Promise<boolean> {
+    const { index, noFd } = m.vring!;
+    const inband = noFd && this.inbandOn;
+    if (m.request === Req.SET_VRING_KICK) {
+      this.dropKickRelay(index);
+      if (inband) await this.startInbandKick(this.vring(m, index));
+      return inband;
+    }
+    if (m.request === Req.SET_VRING_CALL) this.dropCallRelay(index);
+    else this.inbandErr.delete(index);
+    if (!inband) return false;
+    const v = this.vring(m, index);
+    const what = requestName(m.request);
+    if (this.backendFd < 0) throw new Refused(`${what}: queue ${index}: in-band notifications need the back-end channel (SET_BACKEND_REQ_FD first)`);
+    // Our end only: the front-end's end of the socketpair is another open file.
+    sys.setNonBlocking(this.backendFd);
+    if (m.request === Req.SET_VRING_ERR) {
+      await v.setErr(-1);
+      this.inbandErr.add(index);
+      return true;
+    }
+    const fd = sys.eventfd();
+    let ringFd: number;
+    try {
+      ringFd = sys.dup(fd);
+    } catch (e) {
+      sys.closeQuiet(fd);
+      throw e;
+    }
+    const watch = this.opts.loop.watch(fd, () => {
+      if (sys.eventfdRead(fd) !== null) this.sendInband(BackendReq.VRING_CALL, index);
+    });
+    this.callRelay.set(index, { fd, watch });
+    await v.setCall(ringFd);
+    this.log.info(`queue ${index}: calls in band (BACKEND_VRING_CALL)`);
+    return true;
+  }
+
+  private async startInbandKick(v: RingCtl): Promise<void> {
+    this.dropKickRelay(v.index);
+    const fd = sys.eventfd();
+    let ringFd: number;
+    try {
+      ringFd = sys.dup(fd);
+    } catch (e) {
+      sys.closeQuiet(fd);
+      throw e;
+    }
+    this.kickRelay.set(v.index, fd);
+    await v.setKick(ringFd);
+    this.log.info(`queue ${v.index}: kicks in band (VRING_KICK)`);
+  }
+
+  /** VRING_KICK: wake the ring's loop; a stopped ring starts, as on the first kick of its fd ("Ring states"). */
+  private async vringKick(m: Message): Promise<void> {
+    const index = m.state!.index;
+    if (!this.inbandOn) throw new Refused(`VRING_KICK: queue ${index}: INBAND_NOTIFICATIONS was not negotiated`);
+    const v = this.vring(m, index);
+    const relay = this.kickRelay.get(index);
+    if (v.started && relay !== undefined) return sys.eventfdWrite(relay);
+    if (v.started) throw new Refused(`VRING_KICK: queue ${index} runs on a kick eventfd (VRING_KICK is for rings set with the no-fd flag)`);
+    if (v.num === 0 || v.addr === null) throw new Refused(`VRING_KICK: queue ${index} has no size or ring addresses yet`);
+    await this.startInbandKick(v);
+  }
+
+  /** Sends BACKEND_VRING_CALL/ERR for ring `index` (no NEED_REPLY: nobody reads replies on that channel). */
+  private sendInband(request: number, index: number): void {
+    const fd = this.backendFd;
+    const what = `queue ${index}: ${backendRequestName(request)}`;
+    if (fd < 0) return this.log.error(`${what} dropped: no back-end channel`);
+    const buf = (this.inbandBuf ??= new sys.MsgBuf(HDR_SIZE + 8));
+    const m = this.inbandMsg;
+    m.request = request;
+    m.state!.index = index;
+    const n = encodeBackendMessage(m, buf.dataView);
+    let off = 0;
+    try {
+      const deadline = performance.now() + 1000;
+      while (off < n) {
+        const w = buf.send(fd, off, n - off);
+        if (w !== null) {
+          off += w;
+          continue;
+        }
+        // The channel is full, the front-end is not reading it (the spec warns that in-band
+        // notifications can block the sender): wait a little, then give up on this one.
+        if (performance.now() > deadline) throw new Error("the front-end does not read its back-end channel");
+        sys.poll1(fd, POLLOUT, 50);
+      }
+    } catch (e) {
+      // (A half-sent message is not possible in practice: a unix stream socket queues a
+      // message this small whole or not at all.)
+      this.log.error(`${what} not sent: ${(e as Error).message}`);
+    }
+  }
+
+  private dropKickRelay(index: number): void {
+    const fd = this.kickRelay.get(index);
+    if (fd === undefined) return;
+    sys.closeQuiet(fd);
+    this.kickRelay.delete(index);
+  }
+
+  private dropCallRelay(index: number): void {
+    const r = this.callRelay.get(index);
+    if (r === undefined) return;
+    this.opts.loop.unwatch(r.watch);
+    sys.closeQuiet(r.fd);
+    this.callRelay.delete(index);
+  }
+
+  /** Every relay closed (the rings close their own dups on reset). */
+  private dropInband(): void {
+    for (const i of [...this.kickRelay.keys()]) this.dropKickRelay(i);
+    for (const i of [...this.callRelay.keys()]) this.dropCallRelay(i);
+    this.inbandErr.clear();
+    this.inbandBuf?.free();
+    this.inbandBuf = null;
+  }
+
+  // ---- back-end state transfer (DEVICE_STATE) -----------------------------------------
+
+  private transfer: StateTransfer | null = null;
+  private transferDir = "";
+  /** Why the last SET_DEVICE_STATE_FD was refused; the next CHECK_DEVICE_STATE reports it. */
+  private transferRefused: string | null = null;
+
+  private runningRings(): string {
+    return this.vrings.filter((v) => v.started).map((v) => v.index).join(",");
+  }
+
+  /**
+   * SET_DEVICE_STATE_FD: start saving into or loading from the front-end's
+   * pipe. Returns the reply u64: 0x100 (success, no fd of ours) or 0x101
+   * (refused: bad direction or phase, rings running, not a pipe, no state).
+   */
+  private setDeviceStateFd(m: Message): bigint {
+    const fd = m.fds[0]!;
+    m.fds = [];
+    const NO_FD = 0x100n;
+    const { direction, phase } = m.deviceState!;
+    const save = direction === DEVICE_STATE_SAVE;
+    const refuse = (why: string): bigint => {
+      sys.closeQuiet(fd);
+      this.log.warn(`SET_DEVICE_STATE_FD refused: ${why}`);
+      this.transferRefused = why;
+      return NO_FD | 1n;
+    };
+    this.cancelTransfer("replaced by a new SET_DEVICE_STATE_FD");
+    this.transferRefused = null;
+    if ((this.protocolFeatures & bit(ProtocolFeature.DEVICE_STATE)) === 0n) return refuse("DEVICE_STATE was not negotiated");
+    if (direction !== DEVICE_STATE_SAVE && direction !== DEVICE_STATE_LOAD) return refuse(`direction ${direction} is not 0 (save) or 1 (load)`);
+    if (phase !== DEVICE_STATE_PHASE_STOPPED) return refuse(`phase ${phase} is not 0 (stopped)`);
+    const running = this.runningRings();
+    // Spec: the state moves while the device is suspended (every ring stopped by GET_VRING_BASE).
+    if (running) return refuse(`queue(s) ${running} still running: stop every ring (GET_VRING_BASE) first`);
+    const bad = pipeLikeError(fd);
+    if (bad) return refuse(bad);
+    const d = this.device;
+    if (save ? !d.saveState : !d.loadState) return refuse(`device ${d.name} cannot ${save ? "save" : "load"} its state`);
+    try {
+      this.transfer = save
+        ? StateTransfer.save(fd, d.saveState!(), this.opts.loop)
+        : StateTransfer.load(fd, this.opts.loop, (b) => {
+          const r = this.runningRings();
+          if (r) throw new Error(`queue(s) ${r} started during the transfer`);
+          d.loadState!(b);
+        });
+    } catch (e) {
+      return refuse((e as Error).message);
+    }
+    this.transferDir = save ? "save" : "load";
+    this.log.info(`device state ${this.transferDir} started`);
+    return NO_FD;
+  }
+
+  /** CHECK_DEVICE_STATE: 0 when the last transfer completed and the device took the state, 1 otherwise. */
+  private async checkDeviceState(): Promise<bigint> {
+    const t = this.transfer;
+    if (t === null) {
+      this.log.warn(`CHECK_DEVICE_STATE: ${this.transferRefused ?? "no state transfer (SET_DEVICE_STATE_FD first)"}`);
+      return 1n;
+    }
+    // The front-end checks once it has seen EOF (save) or closed its end (load); the last
+    // bytes of a load may still be in the pipe, so wait for them, briefly.
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<string>((r) => { timer = setTimeout(() => r("not finished: the front-end must close its end before CHECK_DEVICE_STATE"), CHECK_WAIT_MS); });
+    const err = await Promise.race([t.done, late]);
+    clearTimeout(timer);
+    t.cancel(err ?? "");
+    this.transfer = null;
+    if (err !== null) {
+      this.log.error(`device state ${this.transferDir} failed: ${err}`);
+      return 1n;
+    }
+    this.log.info(`device state ${this.transferDir}: ${t.bytes} bytes, checked`);
+    return 0n;
+  }
+
+  private cancelTransfer(reason: string): void {
+    this.transfer?.cancel(reason);
+    this.transfer = null;
   }
 
   /** True once SET_FEATURES has been received. */

@@ -1,11 +1,14 @@
 /**
- * virtio-blk (VIRTIO 1.2 §5.2): a disk over a Backing. Every request is
- * handled synchronously; its status byte goes in the last writable byte, and
+ * virtio-blk (VIRTIO 1.2 §5.2): a disk over a Backing. Reads, writes and
+ * flushes go to the backing asynchronously when it can (a file on io_uring,
+ * once attached to a loop: handle() returns PENDING and the backing's
+ * callback completes the request); everything else, and every request on a
+ * RAM or null disk, is handled synchronously. The status byte goes in the last writable byte, and
  * any writable byte the request does not define is zeroed before it, so the
  * used length is always the whole writable area.
  */
-import { ChainRangeError, VIRTIO_ID_BLOCK } from "../device/api.ts";
-import type { ChainReader, ChainWriter, Device, Request } from "../device/api.ts";
+import { ChainRangeError, PENDING, VIRTIO_ID_BLOCK } from "../device/api.ts";
+import type { ChainReader, ChainWriter, Device, EventLoop, Request } from "../device/api.ts";
 import type { Backing } from "./blk_backing.ts";
 
 import { openBacking, type BackingSpec } from "./blk_backing.ts";
@@ -37,6 +40,8 @@ export const BLK_SEG_MAX_RING = 128;
 export const BLK_MAX_DISCARD_SECTORS = 1 << 16, BLK_MAX_WRITE_ZEROES_SECTORS = 1 << 16, BLK_MAX_SEGMENTS = 16;
 
 const SECTOR = 512, HEADER = 16, SEGMENT = 16;
+/** execute(): the request went to the backing asynchronously; its callback finishes it. */
+const ASYNC = -1;
 
 export interface BlkOptions {
   backing: Backing;
@@ -125,21 +130,45 @@ class Blk implements Device {
     this.backing.close();
   }
 
-  handle(req: Request): void {
+  attach(loop: EventLoop): void {
+    this.backing.attach?.(loop);
+  }
+
+  poll(): boolean {
+    return this.backing.poll?.() ?? false;
+  }
+
+  handle(req: Request): void | typeof PENDING {
     const w = req.out;
     if (w.remaining < 1) throw new ChainRangeError(`virtio-blk: no writable byte for the status (head ${req.head})`);
     let status: number;
     try {
-      status = this.execute(req.in, w);
+      status = this.execute(req, req.in, w);
     } catch {
       status = VIRTIO_BLK_S_IOERR;
     }
+    if (status === ASYNC) return PENDING;
+    this.finish(w, status);
+  }
+
+  private finish(w: ChainWriter, status: number): void {
     const gap = w.remaining - 1;
     if (gap > 0) w.fill(gap);
     w.writeU8(status);
   }
 
-  private execute(r: ChainReader, w: ChainWriter): number {
+  // Completions of asynchronous requests (made once; `res` is the bytes moved or -errno).
+  // IN consumed every writable byte but the status; OUT every readable byte after the header.
+  private readonly readDone = (req: Request, res: number) => this.asyncDone(req, res === req.out.pos);
+  private readonly writeDone = (req: Request, res: number) => this.asyncDone(req, res === req.in.pos - HEADER);
+  private readonly flushDone = (req: Request, res: number) => this.asyncDone(req, res === 0);
+
+  private asyncDone(req: Request, ok: boolean): void {
+    this.finish(req.out, ok ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR);
+    req.complete();
+  }
+
+  private execute(req: Request, r: ChainReader, w: ChainWriter): number {
     if (r.remaining < HEADER) return VIRTIO_BLK_S_IOERR;
     const type = r.readU32();
     r.skip(4);
@@ -148,17 +177,20 @@ class Blk implements Device {
       case VIRTIO_BLK_T_IN: {
         const len = w.remaining - 1;
         if (len % SECTOR !== 0 || !this.inRange(sector, len / SECTOR)) return VIRTIO_BLK_S_IOERR;
+        if (this.backing.readAsync?.(w, sector * SECTOR, len, req, this.readDone)) return ASYNC;
         this.backing.read(w, sector * SECTOR, len);
         return VIRTIO_BLK_S_OK;
       }
       case VIRTIO_BLK_T_OUT: {
         const len = r.remaining;
         if (this.ro || len % SECTOR !== 0 || !this.inRange(sector, len / SECTOR)) return VIRTIO_BLK_S_IOERR;
+        if (this.backing.writeAsync?.(r, sector * SECTOR, len, this.writethrough, req, this.writeDone)) return ASYNC;
         this.backing.write(r, sector * SECTOR, len);
         if (this.writethrough) this.backing.flush();
         return VIRTIO_BLK_S_OK;
       }
       case VIRTIO_BLK_T_FLUSH:
+        if (!this.ro && this.backing.flushAsync?.(req, this.flushDone)) return ASYNC;
         if (!this.ro) this.backing.flush();
         return VIRTIO_BLK_S_OK;
       case VIRTIO_BLK_T_GET_ID: {
@@ -214,6 +246,45 @@ class Blk implements Device {
     if (this.writethrough) this.backing.flush();
     return VIRTIO_BLK_S_OK;
   }
+
+  /** Migration state: "BVBK", u16 version 1, u16 flags (bit 0 writethrough), u64 sectors, u32 blk_size, u32 FNV-1a of the rest. */
+  saveState(): Uint8Array {
+    const b = new Uint8Array(BLK_STATE_BYTES);
+    const dv = new DataView(b.buffer);
+    dv.setUint32(0, BLK_STATE_MAGIC, true);
+    dv.setUint16(4, BLK_STATE_VERSION, true);
+    dv.setUint16(6, this.writethrough ? 1 : 0, true);
+    dv.setUint32(8, this.sectors % 2 ** 32, true);
+    dv.setUint32(12, Math.floor(this.sectors / 2 ** 32), true);
+    dv.setUint32(16, new DataView(this.cfg.buffer).getUint32(20, true), true);
+    dv.setUint32(20, fnv1a(b.subarray(0, 20)), true);
+    return b;
+  }
+
+  loadState(data: Uint8Array): void {
+    if (data.length !== BLK_STATE_BYTES) throw new RangeError(`virtio-blk state: ${data.length} bytes, expected ${BLK_STATE_BYTES}`);
+    const dv = new DataView(data.buffer, data.byteOffset, data.length);
+    if (dv.getUint32(0, true) !== BLK_STATE_MAGIC) throw new RangeError("virtio-blk state: bad magic (not a virtio-blk state)");
+    const version = dv.getUint16(4, true);
+    if (version !== BLK_STATE_VERSION) throw new RangeError(`virtio-blk state: version ${version}, this server reads version ${BLK_STATE_VERSION}`);
+    if (dv.getUint32(20, true) !== fnv1a(data.subarray(0, 20))) throw new RangeError("virtio-blk state: checksum mismatch (corrupted)");
+    const flags = dv.getUint16(6, true);
+    if ((flags & ~1) !== 0) throw new RangeError(`virtio-blk state: unknown flags 0x${flags.toString(16)}`);
+    const sectors = dv.getUint32(8, true) + dv.getUint32(12, true) * 2 ** 32;
+    if (sectors !== this.sectors) throw new RangeError(`virtio-blk state: capacity ${sectors} sectors, this disk has ${this.sectors}`);
+    const blkSize = dv.getUint32(16, true);
+    const mine = new DataView(this.cfg.buffer).getUint32(20, true);
+    if (blkSize !== mine) throw new RangeError(`virtio-blk state: blk_size ${blkSize}, this disk has ${mine}`);
+    this.writethrough = (flags & 1) !== 0;
+  }
+}
+
+const BLK_STATE_MAGIC = 0x4b425642, BLK_STATE_VERSION = 1, BLK_STATE_BYTES = 24;
+
+function fnv1a(b: Uint8Array): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < b.length; i++) h = Math.imul(h ^ b[i]!, 0x01000193) >>> 0;
+  return h;
 }
 
 /**

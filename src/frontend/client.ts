@@ -23,6 +23,8 @@ import { POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT } from "../../ffi/constants
 import { ProtocolError } from "../errors.ts";
 import { decodeHeader, decodeReply, type Header } from "../protocol/decode.ts";
 import { encodeMessage } from "../protocol/encode.ts";
+import { decodeBackendRequest } from "../protocol/decode.ts";
+import { IOTLB_ACCESS_FAIL, IOTLB_INVALIDATE, IOTLB_MISS, IOTLB_UPDATE, type IotlbMsg } from "../protocol/messages.ts";
 import {
   FLAG_NEED_REPLY, HDR_SIZE, MAX_PAYLOAD, Req, requestName,
   type ConfigSpace, type InflightInfo, type MemRegion, type Message, type VringAddr,
@@ -413,5 +415,166 @@ export class VhostUserFrontend {
     this.open = false;
     sys.closeQuiet(this.fd);
     this.buf.free();
+    this.closeBackendChannel();
+  }
+
+  // ---- back-end channel, in-band notifications, device state -------------------------
+
+  /** Our end of the back-end channel (see openBackendChannel), or -1. */
+  backendFd = -1;
+  private backendBuf: sys.MsgBuf | null = null;
+
+  /**
+   * Creates the back-end channel (a socketpair), hands one end to the
+   * back-end with SET_BACKEND_REQ_FD and keeps the other for `recvBackend`.
+   * @example fe.openBackendChannel(); fe.recvBackend(1000)?.request === BackendReq.VRING_CALL;
+   */
+  openBackendChannel(): void {
+    this.closeBackendChannel();
+    const [ours, theirs] = sys.socketpair(true);
+    try {
+      this.request({ request: Req.SET_BACKEND_REQ_FD, flags: 0, fds: [theirs] });
+    } catch (e) {
+      sys.closeQuiet(ours);
+      throw e;
+    } finally {
+      sys.closeQuiet(theirs);
+    }
+    this.backendFd = ours;
+    this.backendBuf = new sys.MsgBuf(HDR_SIZE + MAX_PAYLOAD);
+  }
+
+  /**
+   * Waits up to `timeoutMs` for one back-end request (VRING_CALL,
+   * CONFIG_CHANGE_MSG, ...) and decodes it; null when none came. Fds that
+   * come with it are the caller's. Throws DISCONNECTED, BAD_REPLY, or TIMEOUT
+   * for a message cut short.
+   */
+  recvBackend(timeoutMs = this.timeoutMs): Message | null {
+    const fd = this.backendFd;
+    const buf = this.backendBuf;
+    if (fd < 0 || buf === null) throw new FrontendError("DISCONNECTED", "back-end channel", "not open");
+    const fds: number[] = [];
+    const deadline = now() + timeoutMs;
+    let got = 0;
+    let want = HDR_SIZE;
+    let h: Header | null = null;
+    try {
+      for (;;) {
+        if (got === want) {
+          if (h === null) {
+            h = decodeHeader(buf.dataView, 0, true);
+            want = HDR_SIZE + h.size;
+            if (got < want) continue;
+          }
+          return decodeBackendRequest(h, new DataView(buf.data.buffer, buf.data.byteOffset + HDR_SIZE, h.size), fds);
+        }
+        const left = deadline - now();
+        if (left <= 0) {
+          if (got === 0) return null;
+          throw new FrontendError("TIMEOUT", "back-end channel", `message cut short after ${got} bytes`);
+        }
+        if (sys.poll1(fd, POLLIN, Math.ceil(left)) === 0) continue;
+        const n = buf.recv(fd, got, want - got, fds);
+        if (n === null) continue;
+        if (n === 0) throw new FrontendError("DISCONNECTED", "back-end channel", "the back-end closed it");
+        got += n;
+      }
+    } catch (e) {
+      for (const f of fds) sys.closeQuiet(f);
+      if (e instanceof ProtocolError) throw new FrontendError("BAD_REPLY", "back-end channel", e.message, { cause: e });
+      throw e;
+    }
+  }
+
+  /** Closes our end of the back-end channel. Idempotent. */
+  closeBackendChannel(): void {
+    sys.closeQuiet(this.backendFd);
+    this.backendFd = -1;
+    this.backendBuf?.free();
+    this.backendBuf = null;
+  }
+
+  /** VRING_KICK (INBAND_NOTIFICATIONS): ring `index` has new buffers. */
+  vringKick(index: number): void {
+    this.request({ request: Req.VRING_KICK, flags: 0, fds: [], state: { index, num: 0 } });
+  }
+
+  /**
+   * SET_DEVICE_STATE_FD: hands over `fd`, the back-end's end of a pipe, to
+   * save (direction 0) or load (1) its state in `phase` (0: stopped). Returns
+   * the status (bits 0-7 of the reply; 0: accepted) and the fd the back-end
+   * returned to use instead of ours (-1: none; the caller owns it).
+   * @example
+   * const { status } = fe.setDeviceStateFd(DEVICE_STATE_SAVE, DEVICE_STATE_PHASE_STOPPED, pipeW);
+   * // read our end to EOF, then: fe.checkDeviceState() === 0
+   */
+  setDeviceStateFd(direction: number, phase: number, fd: number): { status: number; fd: number } {
+    const r = this.request({ request: Req.SET_DEVICE_STATE_FD, flags: 0, fds: [fd], deviceState: { direction, phase } }, true)!;
+    const v = Number(r.u64! & 0x1ffn);
+    return { status: v & 0xff, fd: (v & 0x100) === 0 ? r.fds[0]! : -1 };
+  }
+
+  /** CHECK_DEVICE_STATE: 0 when the back-end saved or loaded its state successfully. */
+  checkDeviceState(): number {
+    return Number(this.u64Reply(Req.CHECK_DEVICE_STATE));
+  }
+
+  // ---- IOTLB (VIRTIO_F_ACCESS_PLATFORM behind a vIOMMU) ------------------------------
+
+  /**
+   * IOTLB_MSG UPDATE: the device may access [iova, iova + size) as our
+   * memory at `uaddr` (a front-end address inside the memory table) with
+   * `perm` (1 read, 2 write, 3 both). Like QEMU, always asks for the status.
+   * @example fe.iotlbUpdate(0xfff0_0000, 4096, ram.uva(gpa), 3);
+   */
+  iotlbUpdate(iova: number, size: number, uaddr: number, perm: number): void {
+    this.iotlbMsg({ type: IOTLB_UPDATE, iova, size, uaddr, perm });
+  }
+
+  /** IOTLB_MSG INVALIDATE of [iova, iova + size): answered once the device no longer uses it. */
+  iotlbInvalidate(iova: number, size: number): void {
+    this.iotlbMsg({ type: IOTLB_INVALIDATE, iova, size, uaddr: 0, perm: 0 });
+  }
+
+  private iotlbMsg(t: IotlbMsg): void {
+    const m: Message = { request: Req.IOTLB_MSG, flags: 0, fds: [], iotlb: t };
+    this.send(m, true);
+    const r = this.recvReply(Req.IOTLB_MSG);
+    if (r.u64 !== 0n) throw new FrontendError("NACK", "IOTLB_MSG", `status ${r.u64}`);
+  }
+
+  /**
+   * Answers the back-end's IOTLB misses waiting on the back-end channel (for
+   * up to `timeoutMs` for the first one): `resolve(iova, perm)` gives the
+   * entry to send as an UPDATE, or null to send nothing (an invalid address,
+   * as the spec allows). Returns the misses and access failures seen.
+   * @example fe.serveIotlb((iova) => ({ iova: iova & ~0xfff, size: 4096, uaddr: ram.uva(iova & ~0xfff), perm: 3 }));
+   */
+  serveIotlb(
+    resolve: (iova: number, perm: number) => { iova: number; size: number; uaddr: number; perm: number } | null,
+    timeoutMs = 0,
+  ): { misses: IotlbMsg[]; accessFails: IotlbMsg[]; closed: boolean } {
+    const out = { misses: [] as IotlbMsg[], accessFails: [] as IotlbMsg[], closed: false };
+    for (let wait = timeoutMs; ; wait = 0) {
+      if (this.backendFd < 0 || sys.poll1(this.backendFd, POLLIN, wait) === 0) return out;
+      let m: Message | null;
+      try {
+        m = this.recvBackend();
+      } catch (e) {
+        // The back-end hung up (it ends the connection after a refused access, for one).
+        if (e instanceof FrontendError && e.code === "DISCONNECTED") return { ...out, closed: true };
+        throw e;
+      }
+      if (m === null) return out;
+      if (m.iotlb?.type === IOTLB_MISS) {
+        out.misses.push(m.iotlb);
+        const e = resolve(m.iotlb.iova, m.iotlb.perm);
+        if (e) this.iotlbUpdate(e.iova, e.size, e.uaddr, e.perm);
+      } else if (m.iotlb?.type === IOTLB_ACCESS_FAIL) {
+        out.accessFails.push(m.iotlb);
+      }
+      for (const fd of m.fds) sys.closeQuiet(fd);
+    }
   }
 }

@@ -15,6 +15,8 @@ import { Vring, type VringHost } from "../device/vring.ts";
 import { VirtqError } from "../errors.ts";
 import { GuestMemory } from "../memory/guest_memory.ts";
 import { EpollLoop } from "./epoll_loop.ts";
+import { Iotlb, permName } from "../memory/iotlb.ts";
+import { sendIotlbReport } from "../memory/iotlb_report.ts";
 
 interface Init {
   port: MessagePort;
@@ -24,6 +26,7 @@ interface Init {
   options: unknown;
   windowSize: number;
   logLevel: Level;
+  pollUs: number;
 }
 
 const init = workerData as Init;
@@ -33,17 +36,41 @@ const mem = new GuestMemory(init.windowSize);
 const loop = new EpollLoop();
 const rings = new Map<number, Vring>();
 let device: Device;
-/** Commands received and not yet answered; requests in flight (only asynchronous ones outlive a round). */
+/**
+ * Commands received and not yet answered; requests whose handler returned a
+ * Promise and has not settled (they need turns of Bun's loop). Requests the
+ * device completes from fd events (PENDING: io_uring) let the loop sleep in
+ * epoll_wait: their eventfd wakes it.
+ */
 let commands = 0;
-let inflight = 0;
-loop.busy = () => (commands > 0 ? 1 : inflight > 0 ? 2 : 0);
+let promises = 0;
+/** Chains taken from the rings (the ring poller compares it to see work). */
+let popped = 0;
+loop.busy = () => (commands > 0 ? 1 : promises > 0 ? 2 : 0);
+/** Rings not to poll: quiesced, stopped, detached or being released (a command of the main thread says so). */
+const paused = new Set<number>();
 
 const host: VringHost = {
   get device() { return device; },
   mem, log,
   broken: (e: VirtqError) => port.postMessage({ event: "broken", index: e.queue, code: e.code, at: e.index, message: e.message }),
-  inflightChanged: (d: number) => { inflight += d; },
+  inflightChanged: (d: number) => { if (d > 0) popped += d; },
+  promisesChanged: (d: number) => { promises += d; },
+  iotlbReport: (type: number, iova: number, perm: number) => {
+    log.debug(`IOTLB ${type === 1 ? "miss" : "access failure"} iova=0x${iova.toString(16)} ${permName(perm)}`);
+    return sendIotlbReport(iotlbFd, type, iova, perm);
+  },
 };
+/** The back-end channel, lent by the main thread while the IOTLB is on (taken back, acknowledged, before it is closed). */
+let iotlbFd = -1;
+
+/** --poll-us: look at the avail rings of this thread's running queues (never while a command is in progress). */
+function pollRings(): boolean {
+  if (commands > 0) return false;
+  const before = popped;
+  for (const [i, v] of rings) if (!paused.has(i)) v.process();
+  return popped !== before;
+}
 
 function ring(index: number): Vring {
   let v = rings.get(index);
@@ -52,6 +79,10 @@ function ring(index: number): Vring {
 }
 
 async function exec(c: RingCommand | { op: "exit" }): Promise<unknown> {
+  if ("index" in c) {
+    if (c.op === "quiesce" || c.op === "stop" || c.op === "detach" || c.op === "reset" || c.op === "release") paused.add(c.index);
+    else if (c.op === "resume" || c.op === "kick") paused.delete(c.index);
+  }
   switch (c.op) {
     case "mem":
       for (const v of rings.values()) v.detachRings();
@@ -67,10 +98,25 @@ async function exec(c: RingCommand | { op: "exit" }): Promise<unknown> {
     }
     case "base": return ring(c.index).setBase(c.base), null;
     case "eventIdx": return ring(c.index).setEventIdx(c.on), null;
+    case "inOrder": return ring(c.index).setInOrder(c.on), null;
     case "layout": return ring(c.index).setLayout(c.packed), null;
     case "inflight": return ring(c.index).setInflight(c.area), null;
     case "log": return ring(c.index).setLog(c.area), null;
     case "refresh": return device.refresh?.() ?? false;
+    case "iotlb":
+      iotlbFd = c.on ? c.fd : -1;
+      if (c.on !== (mem.iotlb !== null)) mem.iotlb = c.on ? new Iotlb(mem) : null;
+      return null;
+    case "iotlbMsg": {
+      const t = mem.iotlb;
+      if (t === null) return null;
+      // Same order and same checks as the main thread's table (which refused bad entries before us).
+      if (c.type === 2) t.update(c.iova, c.size, c.uaddr, c.perm);
+      else t.invalidate(c.iova, c.size);
+      // Rings waiting on a miss retry (not those a command of the main thread paused).
+      for (const [i, v] of rings) if (!paused.has(i)) v.process();
+      return null;
+    }
     case "kick": return ring(c.index).setKick(c.fd), null;
     case "call": return ring(c.index).setCall(c.fd), null;
     case "err": return ring(c.index).setErr(c.fd), null;
@@ -137,6 +183,12 @@ function onCtl(): void {
 async function main(): Promise<void> {
   const mod = await import(init.module);
   device = mod.createDevice(init.options) as Device;
+  device.attach?.(loop);
+  loop.pollUs = init.pollUs;
+  if (init.pollUs > 0) {
+    loop.pollers.push(pollRings);
+    if (device.poll) loop.pollers.push(() => device.poll!());
+  }
   loop.watch(ctl, onCtl);
   port.postMessage({ event: "ready" });
   await loop.run();

@@ -9,10 +9,14 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readdirSync, readFileSync } from "node:fs";
 import * as sys from "../../ffi/sys.ts";
-import { HDR_SIZE, Req, type Message } from "../../src/protocol/messages.ts";
+import {
+  BackendReq, DEVICE_STATE_LOAD, DEVICE_STATE_PHASE_STOPPED, DEVICE_STATE_SAVE, HDR_SIZE, Req, type Message,
+} from "../../src/protocol/messages.ts";
 import { encodeMessage } from "../../src/protocol/encode.ts";
 import { bit, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1 } from "../../src/protocol/features.ts";
-import { BlkDriver, GuestRam, VhostUserFrontend, VIRTIO_BLK_S_OK } from "../../src/frontend/index.ts";
+import {
+  BLK_DRIVER_PROTOCOL_FEATURES, BlkDriver, GuestRam, VhostUserFrontend, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT,
+} from "../../src/frontend/index.ts";
 import { VRING_DESC_F_NEXT, VRING_DESC_F_WRITE } from "../../src/virtq/split.ts";
 import { backendKinds, type Backend } from "../support/backends.ts";
 
@@ -59,12 +63,16 @@ function encode(m: Message): Uint8Array {
 
 const msg = (request: number, fields: Partial<Message> = {}): Message => ({ request, flags: 0, fds: [], ...fields });
 
+const BASE_PROTOCOL = bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.MQ) | bit(ProtocolFeature.CONFIG);
+const INBAND = bit(ProtocolFeature.INBAND_NOTIFICATIONS) | bit(ProtocolFeature.BACKEND_REQ);
+const DEVICE_STATE = bit(ProtocolFeature.DEVICE_STATE);
+
 /** A front-end that has negotiated and shared memory, ready for a hostile message. */
-function prepared(ram?: GuestRam): VhostUserFrontend {
+function prepared(ram?: GuestRam, protocol = BASE_PROTOCOL): VhostUserFrontend {
   const fe = VhostUserFrontend.connect(be.socket, { timeoutMs: 3000 });
   const f = fe.getFeatures();
   fe.getProtocolFeatures();
-  fe.setProtocolFeatures(bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.MQ) | bit(ProtocolFeature.CONFIG));
+  fe.setProtocolFeatures(protocol);
   fe.replyAck = true;
   fe.setOwner();
   fe.setFeatures(f & (bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES)));
@@ -79,6 +87,8 @@ interface Case {
   run(fe: VhostUserFrontend, ram: GuestRam): void;
   /** Set up memory before the hostile part (default true). */
   memory?: boolean;
+  /** Protocol features to negotiate (default REPLY_ACK, MQ, CONFIG). */
+  protocol?: bigint;
 }
 
 const efd = () => sys.eventfd();
@@ -206,6 +216,34 @@ const cases: Case[] = [
     },
   },
   {
+    name: "VRING_KICK with a 4-byte payload", log: /VRING_KICK.*size/, protocol: BASE_PROTOCOL | INBAND,
+    run: (fe) => fe.sendRaw(raw(Req.VRING_KICK, 1, new Uint8Array(4))),
+  },
+  {
+    name: "VRING_KICK carrying an eventfd (fd closed)", log: /VRING_KICK.*fds/, protocol: BASE_PROTOCOL | INBAND,
+    run: (fe) => { const fd = efd(); fe.sendRaw(encode(msg(Req.VRING_KICK, { state: { index: 0, num: 0 } })), [fd]); sys.close(fd); },
+  },
+  {
+    name: "VRING_KICK for queue 7 of 1", log: /VRING_KICK.*index/, protocol: BASE_PROTOCOL | INBAND,
+    run: (fe) => fe.send(msg(Req.VRING_KICK, { state: { index: 7, num: 0 } })),
+  },
+  {
+    name: "INBAND_NOTIFICATIONS without BACKEND_REQ (spec: the back-end closes)", log: /SET_PROTOCOL_FEATURES.*INBAND_NOTIFICATIONS without/,
+    memory: false, protocol: BASE_PROTOCOL, run: (fe) => fe.send(msg(Req.SET_PROTOCOL_FEATURES, { u64: BASE_PROTOCOL | bit(ProtocolFeature.INBAND_NOTIFICATIONS) })),
+  },
+  {
+    name: "SET_DEVICE_STATE_FD without its fd", log: /SET_DEVICE_STATE_FD.*fds/, protocol: BASE_PROTOCOL | DEVICE_STATE,
+    run: (fe) => fe.sendRaw(encode(msg(Req.SET_DEVICE_STATE_FD, { deviceState: { direction: 0, phase: 0 } }))),
+  },
+  {
+    name: "SET_DEVICE_STATE_FD with a 12-byte payload and a pipe", log: /SET_DEVICE_STATE_FD.*size/, protocol: BASE_PROTOCOL | DEVICE_STATE,
+    run: (fe) => { const [x, y] = sys.socketpair(); fe.sendRaw(raw(Req.SET_DEVICE_STATE_FD, 1, new Uint8Array(12)), [x]); sys.close(x); sys.close(y); },
+  },
+  {
+    name: "CHECK_DEVICE_STATE with a payload", log: /CHECK_DEVICE_STATE.*size/, protocol: BASE_PROTOCOL | DEVICE_STATE,
+    run: (fe) => fe.sendRaw(raw(Req.CHECK_DEVICE_STATE, 1, new Uint8Array(8))),
+  },
+  {
     name: "a message cut short by a disconnect, with fds attached", log: /disconnected/,
     run: (fe) => {
       const m = encode(msg(Req.SET_VRING_KICK, { vring: { index: 0, noFd: false } }));
@@ -213,6 +251,104 @@ const cases: Case[] = [
       fe.sendRaw(m.subarray(0, 10), fds);
       fds.forEach(sys.close);
       fe.close();
+    },
+  },
+];
+
+/** Well-formed requests the server must refuse (REPLY_ACK status or an error u64) while keeping the connection. */
+interface Refusal {
+  name: string;
+  log: RegExp;
+  protocol?: bigint;
+  /** Sends the request and checks the refusal the front-end sees. */
+  run(fe: VhostUserFrontend, ram: GuestRam): void;
+}
+
+const nack = (f: () => void) => expect(f).toThrow(/NACK: status 1/);
+/** A ring with a size and addresses inside guest RAM (nothing available in it). */
+function ringIn(fe: VhostUserFrontend, ram: GuestRam): void {
+  const u = ram.regions[0]!.userAddr;
+  fe.setVringNum(0, 128);
+  fe.setVringAddr({ index: 0, flags: 0, desc: u, avail: u + 4096, used: u + 8192, log: 0 });
+}
+/** SET_DEVICE_STATE_FD with `fd` (closed here after sending); returns the reply's status byte. */
+function stateFd(fe: VhostUserFrontend, direction: number, phase: number, fd: number): number {
+  try {
+    return fe.setDeviceStateFd(direction, phase, fd).status;
+  } finally {
+    sys.close(fd);
+  }
+}
+function socketEnd(): number {
+  const [x, y] = sys.socketpair();
+  sys.close(y);
+  return x;
+}
+
+const refusals: Refusal[] = [
+  {
+    name: "VRING_KICK without INBAND_NOTIFICATIONS", log: /VRING_KICK refused: .*INBAND_NOTIFICATIONS was not negotiated/,
+    run: (fe) => nack(() => fe.vringKick(0)),
+  },
+  {
+    name: "VRING_KICK for a ring that has no size or addresses", log: /VRING_KICK refused: .*queue 0 has no size or ring addresses/,
+    protocol: BASE_PROTOCOL | INBAND, run: (fe) => nack(() => fe.vringKick(0)),
+  },
+  {
+    name: "VRING_KICK for a ring kicked through an eventfd", log: /VRING_KICK refused: .*queue 0 runs on a kick eventfd/,
+    protocol: BASE_PROTOCOL | INBAND,
+    run: (fe, ram) => {
+      ringIn(fe, ram);
+      const k = efd();
+      fe.setVringKick(0, k);
+      sys.close(k);
+      nack(() => fe.vringKick(0));
+    },
+  },
+  {
+    name: "SET_VRING_CALL in band without a back-end channel", log: /SET_VRING_CALL refused: .*need the back-end channel/,
+    protocol: BASE_PROTOCOL | INBAND, run: (fe) => nack(() => fe.setVringCall(0, null)),
+  },
+  {
+    name: "SET_DEVICE_STATE_FD without DEVICE_STATE negotiated", log: /SET_DEVICE_STATE_FD refused: DEVICE_STATE was not negotiated/,
+    run: (fe) => expect(stateFd(fe, DEVICE_STATE_SAVE, DEVICE_STATE_PHASE_STOPPED, socketEnd())).toBe(1),
+  },
+  {
+    name: "SET_DEVICE_STATE_FD with an eventfd (not a pipe)", log: /SET_DEVICE_STATE_FD refused: fd is not a pipe or socket/,
+    protocol: BASE_PROTOCOL | DEVICE_STATE,
+    run: (fe) => {
+      expect(stateFd(fe, DEVICE_STATE_LOAD, DEVICE_STATE_PHASE_STOPPED, efd())).toBe(1);
+      expect(fe.checkDeviceState()).toBe(1);
+    },
+  },
+  {
+    name: "SET_DEVICE_STATE_FD with a memfd (not a pipe)", log: /SET_DEVICE_STATE_FD refused: fd is not a pipe or socket/,
+    protocol: BASE_PROTOCOL | DEVICE_STATE,
+    run: (fe) => expect(stateFd(fe, DEVICE_STATE_SAVE, DEVICE_STATE_PHASE_STOPPED, sys.memfdCreate("not-a-pipe"))).toBe(1),
+  },
+  {
+    name: "SET_DEVICE_STATE_FD with direction 2", log: /SET_DEVICE_STATE_FD refused: direction 2 is not 0 \(save\) or 1 \(load\)/,
+    protocol: BASE_PROTOCOL | DEVICE_STATE, run: (fe) => expect(stateFd(fe, 2, DEVICE_STATE_PHASE_STOPPED, socketEnd())).toBe(1),
+  },
+  {
+    name: "SET_DEVICE_STATE_FD with phase 1", log: /SET_DEVICE_STATE_FD refused: phase 1 is not 0 \(stopped\)/,
+    protocol: BASE_PROTOCOL | DEVICE_STATE, run: (fe) => expect(stateFd(fe, DEVICE_STATE_LOAD, 1, socketEnd())).toBe(1),
+  },
+  {
+    name: "CHECK_DEVICE_STATE without a transfer", log: /CHECK_DEVICE_STATE: no state transfer/,
+    protocol: BASE_PROTOCOL | DEVICE_STATE, run: (fe) => expect(fe.checkDeviceState()).toBe(1),
+  },
+  {
+    name: "SET_DEVICE_STATE_FD load, then a disconnect mid-transfer (fd and timers released)", log: /device state load started/,
+    protocol: BASE_PROTOCOL | DEVICE_STATE,
+    run: (fe) => {
+      const [x, y] = sys.socketpair();
+      try {
+        expect(stateFd(fe, DEVICE_STATE_LOAD, DEVICE_STATE_PHASE_STOPPED, x)).toBe(0);
+        sys.write(y, new Uint8Array(5)); // a partial state; the front-end goes away without closing y first
+      } finally {
+        sys.close(y);
+      }
     },
   },
 ];
@@ -235,7 +371,7 @@ describe.skipIf(skip !== null)(`hostile front-end against bunvhost${skip ? ` [sk
       const ram = new GuestRam({ size: 4 << 20, name: RAM_NAME });
       let fe: VhostUserFrontend | null = null;
       try {
-        fe = prepared(c.memory === false ? undefined : ram);
+        fe = prepared(c.memory === false ? undefined : ram, c.protocol);
         c.run(fe, ram);
         expect(fe.waitClosed(3000)).toBe(true);
       } finally {
@@ -251,6 +387,79 @@ describe.skipIf(skip !== null)(`hostile front-end against bunvhost${skip ? ` [sk
       goodFrontend();
     });
   }
+
+  for (const c of refusals) {
+    test(`${c.name}: answered and logged, connection kept, nothing leaked, next front-end served`, async () => {
+      const before = be.stderr().length;
+      const ram = new GuestRam({ size: 4 << 20, name: RAM_NAME });
+      let fe: VhostUserFrontend | null = null;
+      try {
+        fe = prepared(ram, c.protocol);
+        c.run(fe, ram);
+        // Still in step: a request with a reply answers.
+        expect(fe.getQueueNum()).toBe(1);
+        expect(fe.alive()).toBe(true);
+      } finally {
+        fe?.close();
+        ram.close();
+      }
+      await settled();
+      expect(be.stderr().slice(before)).toMatch(c.log);
+      expect(fdCount()).toBe(baseFds);
+      expect(ramMaps()).toBe(baseMaps);
+      goodFrontend();
+    });
+  }
+
+  test("in-band calls to a front-end that closed its back-end channel: logged, ring keeps serving, nothing leaked", async () => {
+    const before = be.stderr().length;
+    {
+      using d = BlkDriver.connect(be.socket, { timeoutMs: 3000, protocolFeatures: BLK_DRIVER_PROTOCOL_FEATURES | INBAND });
+      d.fe.openBackendChannel();
+      d.fe.setVringBase(0, d.fe.getVringBase(0));
+      d.fe.setVringCall(0, null);
+      d.fe.setVringKick(0, null);
+      d.fe.closeBackendChannel();
+      for (let i = 0; i < 3; i++) {
+        d.enqueue(VIRTIO_BLK_T_OUT, 8 * i, 4096, {}, new Uint8Array(4096).fill(i));
+        d.publish(0);
+        d.fe.vringKick(0);
+        const deadline = performance.now() + 3000;
+        while (d.poll(0) === 0) {
+          expect(performance.now()).toBeLessThan(deadline);
+          Bun.sleepSync(2);
+        }
+      }
+      expect(d.fe.alive()).toBe(true);
+    }
+    await settled();
+    expect(be.stderr().slice(before)).toMatch(/queue 0: VRING_CALL not sent: sendmsg: (EPIPE|ECONNRESET)/);
+    expect(fdCount()).toBe(baseFds);
+    goodFrontend();
+  });
+
+  test("a broken ring whose errors go in band: BACKEND_VRING_ERR on the back-end channel, then the connection ends", async () => {
+    const before = be.stderr().length;
+    {
+      using d = BlkDriver.connect(be.socket, { timeoutMs: 1000, protocolFeatures: BLK_DRIVER_PROTOCOL_FEATURES | INBAND });
+      d.fe.openBackendChannel();
+      d.fe.setVringErr(0, null);
+      const h = d.ram.alloc(16);
+      const st = d.ram.alloc(1);
+      const r = d.submitRaw([
+        { addr: h, len: 16, flags: VRING_DESC_F_NEXT, next: 1 },
+        { addr: st, len: 1, flags: VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, next: 0 },
+      ], { statusGpa: st });
+      expect(r.outcome).toBe("disconnected");
+      const m = d.fe.recvBackend(2000);
+      expect(m?.request).toBe(BackendReq.VRING_ERR);
+      expect(m?.state).toEqual({ index: 0, num: 0 });
+    }
+    await settled();
+    expect(be.stderr().slice(before)).toMatch(/virtqueue broken: queue 0: ORDER/);
+    expect(fdCount()).toBe(baseFds);
+    goodFrontend();
+  });
 
   test("hostile descriptor chains (loop, huge length, out-of-range head) break the queue and end the connection", async () => {
     const chains: [string, (d: BlkDriver, h: number, st: number) => { descs: any[]; availEntry?: number }][] = [
