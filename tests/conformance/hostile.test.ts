@@ -45,6 +45,16 @@ async function settled(): Promise<void> {
   for (let i = 0; i < 100 && (fdCount() !== baseFds || ramMaps() !== baseMaps); i++) await Bun.sleep(20);
 }
 
+/**
+ * The back-end's log from `before` on, once it matches `re` (or after 2 s). A
+ * line logged by an I/O thread can reach the file after the connection's end
+ * is visible here, so the assertion waits for it instead of racing it.
+ */
+async function expectLog(before: number, re: RegExp): Promise<void> {
+  for (let i = 0; i < 100 && !re.test(be.stderr().slice(before)); i++) await Bun.sleep(20);
+  expect(be.stderr().slice(before)).toMatch(re);
+}
+
 function raw(request: number, flags: number, payload: Uint8Array, sizeField = payload.length): Uint8Array {
   const b = new Uint8Array(HDR_SIZE + payload.length);
   const dv = new DataView(b.buffer);
@@ -379,9 +389,8 @@ describe.skipIf(skip !== null)(`hostile front-end against bunvhost${skip ? ` [sk
         ram.close();
       }
       await settled();
-      const log = be.stderr().slice(before);
-      expect(log).toMatch(/error|disconnected/);
-      expect(log).toMatch(c.log);
+      await expectLog(before, c.log);
+      expect(be.stderr().slice(before)).toMatch(/error|disconnected/);
       expect(fdCount()).toBe(baseFds);
       expect(ramMaps()).toBe(baseMaps);
       goodFrontend();
@@ -404,7 +413,7 @@ describe.skipIf(skip !== null)(`hostile front-end against bunvhost${skip ? ` [sk
         ram.close();
       }
       await settled();
-      expect(be.stderr().slice(before)).toMatch(c.log);
+      await expectLog(before, c.log);
       expect(fdCount()).toBe(baseFds);
       expect(ramMaps()).toBe(baseMaps);
       goodFrontend();
@@ -433,7 +442,7 @@ describe.skipIf(skip !== null)(`hostile front-end against bunvhost${skip ? ` [sk
       expect(d.fe.alive()).toBe(true);
     }
     await settled();
-    expect(be.stderr().slice(before)).toMatch(/queue 0: VRING_CALL not sent: sendmsg: (EPIPE|ECONNRESET)/);
+    await expectLog(before, /queue 0: VRING_CALL not sent: sendmsg: (EPIPE|ECONNRESET)/);
     expect(fdCount()).toBe(baseFds);
     goodFrontend();
   });
@@ -456,7 +465,7 @@ describe.skipIf(skip !== null)(`hostile front-end against bunvhost${skip ? ` [sk
       expect(m?.state).toEqual({ index: 0, num: 0 });
     }
     await settled();
-    expect(be.stderr().slice(before)).toMatch(/virtqueue broken: queue 0: ORDER/);
+    await expectLog(before, /virtqueue broken: queue 0: ORDER/);
     expect(fdCount()).toBe(baseFds);
     goodFrontend();
   });
@@ -478,7 +487,7 @@ describe.skipIf(skip !== null)(`hostile front-end against bunvhost${skip ? ` [sk
         expect(`${name}: ${r.outcome}`).toBe(`${name}: disconnected`);
       }
       await settled();
-      expect(be.stderr().slice(before)).toMatch(/virtqueue broken: queue 0: (LOOP|BAD_ADDR|TOTAL_LEN|HEAD_RANGE)/);
+      await expectLog(before, /virtqueue broken: queue 0: (LOOP|BAD_ADDR|TOTAL_LEN|HEAD_RANGE)/);
       expect(fdCount()).toBe(baseFds);
       goodFrontend();
     }
