@@ -32,7 +32,7 @@ import { INFLIGHT_ALIGN, inflightQueueSize } from "../virtq/inflight.ts";
 import { DirtyLog } from "../virtq/dirty_log.ts";
 import { MAP_SHARED, POLLOUT, PROT_READ, PROT_WRITE } from "../../ffi/constants.ts";
 import { Iotlb, IotlbEntryError, permName } from "../memory/iotlb.ts";
-import { sendIotlbReport } from "../memory/iotlb_report.ts";
+import { sendIotlbReport } from "./iotlb_report.ts";
 import { VIRTIO_F_ACCESS_PLATFORM } from "../protocol/features.ts";
 import { IOTLB_UPDATE, type IotlbMsg } from "../protocol/messages.ts";
 import { pipeLikeError, StateTransfer } from "./device_state.ts";
@@ -796,14 +796,7 @@ export class VuDev {
       this.inbandErr.add(index);
       return true;
     }
-    const fd = sys.eventfd();
-    let ringFd: number;
-    try {
-      ringFd = sys.dup(fd);
-    } catch (e) {
-      sys.closeQuiet(fd);
-      throw e;
-    }
+    const [fd, ringFd] = relayPair();
     const watch = this.opts.loop.watch(fd, () => {
       if (sys.eventfdRead(fd) !== null) this.sendInband(BackendReq.VRING_CALL, index);
     });
@@ -815,14 +808,7 @@ export class VuDev {
 
   private async startInbandKick(v: RingCtl): Promise<void> {
     this.dropKickRelay(v.index);
-    const fd = sys.eventfd();
-    let ringFd: number;
-    try {
-      ringFd = sys.dup(fd);
-    } catch (e) {
-      sys.closeQuiet(fd);
-      throw e;
-    }
+    const [fd, ringFd] = relayPair();
     this.kickRelay.set(v.index, fd);
     await v.setKick(ringFd);
     this.log.info(`queue ${v.index}: kicks in band (VRING_KICK)`);
@@ -982,5 +968,16 @@ export class VuDev {
   /** True once SET_FEATURES has been received. */
   get negotiated(): boolean {
     return this.featuresSet;
+  }
+}
+
+/** An eventfd and a duplicate of it: VuDev keeps one end, the ring (on any thread) owns the other. */
+function relayPair(): [number, number] {
+  const fd = sys.eventfd();
+  try {
+    return [fd, sys.dup(fd)];
+  } catch (e) {
+    sys.closeQuiet(fd);
+    throw e;
   }
 }
