@@ -358,8 +358,16 @@ export class VuDev {
         if (this.mem.iotlb !== null) for (const ch of this.channels()) await ch.request({ op: "iotlb", on: true, fd: this.backendFd });
         return null;
       case R.IOTLB_MSG:
-        await this.iotlbMsg(m.iotlb!);
-        return null;
+        // Spec: "The back-end has to acknowledge the request with sending zero as u64
+        // payload for success, non-zero otherwise": a reply always, REPLY_ACK or not.
+        try {
+          await this.iotlbMsg(m.iotlb!);
+        } catch (e) {
+          if (!(e instanceof Refused)) throw e;
+          this.log.warn(`IOTLB_MSG refused: ${e.message}`);
+          return reply({ u64: 1n });
+        }
+        return reply({ u64: 0n });
       case R.GET_INFLIGHT_FD:
         return this.getInflightFd(m);
       case R.SET_INFLIGHT_FD:
@@ -682,7 +690,7 @@ export class VuDev {
    * miss retry. INVALIDATE of a range some entry overlaps: every ring
    * quiesces (no request in flight can still use the old translation), every
    * table drops the range, and the rings re-translate before their next access.
-   * The front-end's acknowledgement (REPLY_ACK) is sent only after all that.
+   * The reply (always sent, see exec) goes only after all that.
    */
   private async iotlbMsg(t: IotlbMsg): Promise<void> {
     const tbl = this.mem.iotlb;

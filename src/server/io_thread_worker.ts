@@ -16,7 +16,7 @@ import { VirtqError } from "../errors.ts";
 import { GuestMemory } from "../memory/guest_memory.ts";
 import { EpollLoop } from "./epoll_loop.ts";
 import { Iotlb, permName } from "../memory/iotlb.ts";
-import { sendIotlbReport } from "../memory/iotlb_report.ts";
+import { sendIotlbReport } from "../device/iotlb_report.ts";
 
 interface Init {
   port: MessagePort;

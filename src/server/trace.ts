@@ -2,6 +2,9 @@
 import { requestName, type Message } from "../protocol/messages.ts";
 
 const hex = (n: number | bigint) => `0x${n.toString(16)}`;
+/** struct vhost_iotlb_msg `type` (1-4) and `perm` (0-3), as the spec names them. */
+const IOTLB_TYPES = ["?", "miss", "update", "invalidate", "access-fail"];
+const IOTLB_PERMS = ["none", "ro", "wo", "rw"];
 
 export function describeMessage(m: Message): string {
   const parts: string[] = [requestName(m.request), `flags=${hex(m.flags)}`];
@@ -16,6 +19,10 @@ export function describeMessage(m: Message): string {
   if (m.config) parts.push(`config offset=${m.config.offset} size=${m.config.size} flags=${m.config.flags}`);
   if (m.inflight) parts.push(`inflight size=${m.inflight.mmapSize} queues=${m.inflight.numQueues} qsize=${m.inflight.queueSize}`);
   if (m.log) parts.push(`log size=${m.log.size} offset=${m.log.offset}`);
+  if (m.iotlb) {
+    const t = m.iotlb;
+    parts.push(`iotlb type=${IOTLB_TYPES[t.type] ?? t.type} iova=${hex(t.iova)} size=${hex(t.size)} uaddr=${hex(t.uaddr)} perm=${IOTLB_PERMS[t.perm] ?? t.perm}`);
+  }
   if (m.fds.length) parts.push(`fds=[${m.fds.join(",")}]`);
   return parts.join(" ");
 }

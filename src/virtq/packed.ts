@@ -601,7 +601,8 @@ export class PackedQueue implements VirtQueue {
    * with the checks of `pop`.
    */
   private popStored(r: Pieces, w: Pieces): number {
-    const b = this.resubmit[this.resubmitPos++]!;
+    // The position moves only after a whole walk: an IOTLB miss leaves the buffer to be retried.
+    const b = this.resubmit[this.resubmitPos]!;
     const log = this.inflight!;
     const d = this.stored;
     r.reset();
@@ -633,6 +634,7 @@ export class PackedQueue implements VirtQueue {
         if (!this.mem.gpaPieces(d.addr, d.len, r)) this.fail("BAD_ADDR", b.id, `0x${d.addr.toString(16)}+${d.len} not in guest memory`);
       }
     }
+    this.resubmitPos++;
     if (this.inOrder) {
       this.hold.taken(b.id);
       this.fullLen[b.id] = wTotal;

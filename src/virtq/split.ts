@@ -242,8 +242,10 @@ export class SplitQueue implements VirtQueue {
   pop(r: Pieces, w: Pieces): number {
     let head: number;
     if (this.resubmitPos < this.resubmit.length) {
-      head = this.resubmit[this.resubmitPos++]!;
+      head = this.resubmit[this.resubmitPos]!;
       this.walk(head, r, w);
+      // Only after a whole walk: an IOTLB miss leaves the chain to be retried after the UPDATE.
+      this.resubmitPos++;
     } else {
       head = this.peekHead();
       if (head < 0) return head;

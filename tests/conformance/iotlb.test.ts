@@ -10,6 +10,7 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { BlkDriver, GuestRam, SplitDriver, VhostUserFrontend } from "../../src/frontend/index.ts";
 import { bit, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1 } from "../../src/protocol/features.ts";
+import { IOTLB_UPDATE, Req } from "../../src/protocol/messages.ts";
 import { backendKinds, type Backend } from "../support/backends.ts";
 import { fillRandom, rng } from "../support/random.ts";
 
@@ -38,15 +39,16 @@ class Session {
   private readonly hdr: number;
   readonly status: number;
 
-  constructor(socket: string) {
+  /** `replyAck`: negotiate REPLY_ACK (QEMU does); IOTLB_MSG is answered either way. */
+  constructor(socket: string, replyAck = true) {
     this.fe = VhostUserFrontend.connect(socket, { timeoutMs: 5000 });
     const fe = this.fe;
     const offered = fe.getFeatures();
     expect(offered & bit(VIRTIO_F_ACCESS_PLATFORM)).toBe(bit(VIRTIO_F_ACCESS_PLATFORM));
-    const proto = bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.BACKEND_REQ);
+    const proto = (replyAck ? bit(ProtocolFeature.REPLY_ACK) : 0n) | bit(ProtocolFeature.BACKEND_REQ);
     expect(fe.getProtocolFeatures() & proto).toBe(proto);
     fe.setProtocolFeatures(proto);
-    fe.replyAck = true;
+    fe.replyAck = replyAck;
     fe.setOwner();
     fe.setFeatures(bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VIRTIO_F_ACCESS_PLATFORM));
     fe.openBackendChannel();
@@ -212,6 +214,42 @@ for (const threads of [0, 1]) {
       s.complete(1);
       expect(s.statusOf(0)).toBe(0);
       expect(be.stderr()).toContain("IOTLB_MSG.uaddr");
+    }, 60_000);
+
+    test("IOTLB_MSG is always answered (u64 0, or non-zero when refused), without REPLY_ACK and without NEED_REPLY too", async () => {
+      // Spec (VHOST_USER_IOTLB_MSG): "The back-end has to acknowledge the request with sending
+      // zero as u64 payload for success, non-zero otherwise"; unlike SET_BACKEND_REQ_FD, not
+      // only when REPLY_ACK is negotiated.
+      be = await kind.start({ size: 8 << 20, extraArgs: ["--threads", String(threads), "--trace"] });
+      s = new Session(be.socket, false);
+      const ram = s.ram;
+      const fe = s.fe;
+      // The client's iotlbUpdate/iotlbInvalidate set NEED_REPLY (as QEMU does) and wait for the u64.
+      fe.iotlbUpdate(0x10_0000, PAGE, ram.uva(0x10_0000), 3);
+      expect(() => fe.iotlbUpdate(0x1000, PAGE, ram.host + ram.size * 4, 3)).toThrow(/NACK|status 1/);
+      fe.iotlbInvalidate(0x10_0000, PAGE);
+      // No NEED_REPLY flag at all: still exactly one reply, zero for success, non-zero for a refusal.
+      const raw = (uaddr: number) => {
+        fe.send({ request: Req.IOTLB_MSG, flags: 0, fds: [], iotlb: { type: IOTLB_UPDATE, iova: 0x20_0000, size: PAGE, uaddr, perm: 3 } });
+        return fe.recvReply(Req.IOTLB_MSG).u64;
+      };
+      expect(raw(ram.uva(0x20_0000))).toBe(0n);
+      expect(raw(ram.host + ram.size * 4)).not.toBe(0n);
+      // No stray replies were left behind: a request with a reply still reads its own, and I/O runs.
+      expect(fe.getFeatures() & bit(VIRTIO_F_ACCESS_PLATFORM)).toBe(bit(VIRTIO_F_ACCESS_PLATFORM));
+      const buf = ram.alloc(IO, PAGE);
+      ram.fill(buf, IO, 0x42);
+      s.submit(0, T_OUT, 8, buf, IO);
+      s.complete(1);
+      expect(s.statusOf(0)).toBe(0);
+      // --trace decodes the IOTLB fields of requests, and shows each reply.
+      const log = be.stderr();
+      const uva = (g: number) => `0x${ram.uva(g).toString(16)}`;
+      expect(log).toContain(`<- IOTLB_MSG flags=0x9 iotlb type=update iova=0x100000 size=0x1000 uaddr=${uva(0x10_0000)} perm=rw\n`);
+      expect(log).toContain(`<- IOTLB_MSG flags=0x9 iotlb type=invalidate iova=0x100000 size=0x1000 uaddr=0x0 perm=none\n`);
+      expect(log).toContain(`<- IOTLB_MSG flags=0x1 iotlb type=update iova=0x200000 size=0x1000 uaddr=${uva(0x20_0000)} perm=rw\n`);
+      expect(log).toContain("-> IOTLB_MSG flags=0x4 u64=0x0\n");
+      expect(log).toContain("-> IOTLB_MSG flags=0x4 u64=0x1\n");
     }, 60_000);
 
     test("a device write into a read-only mapping is refused: ACCESS_FAIL, queue broken, nothing written", async () => {

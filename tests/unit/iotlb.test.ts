@@ -7,6 +7,11 @@ import { GuestMemoryError } from "../../src/errors.ts";
 import { decodeRequest } from "../../src/protocol/decode.ts";
 import { encodeMessage } from "../../src/protocol/encode.ts";
 import { HDR_SIZE, IOTLB_INVALIDATE, IOTLB_UPDATE, Req } from "../../src/protocol/messages.ts";
+import { PackedInflight, SplitInflight, packedInflightQueueSize, splitInflightQueueSize } from "../../src/virtq/inflight.ts";
+import { SplitQueue } from "../../src/virtq/split.ts";
+import { PackedQueue } from "../../src/virtq/packed.ts";
+import { GuestRam } from "../../src/frontend/guest_ram.ts";
+import { PackedDriver } from "../../src/frontend/packed_driver.ts";
 
 const UVA = 0x7f00_0000_0000;
 const GPA = 0x10_0000;
@@ -195,5 +200,129 @@ describe("Iotlb", () => {
     expect(mem.gpaPieces(GPA + 0x10, 0x10, p, true)).toBe(true);
     expect(gpas(p)).toEqual([[GPA + 0x10, 0x10]]);
     expect(mem.ringSpan(UVA, 16, PERM_RW).host).toBe(mem.uvaSpan(UVA, 16).host);
+  });
+});
+
+/** The miss a call throws (null: none). */
+function missOf(f: () => unknown): IotlbMiss | null {
+  try {
+    f();
+  } catch (e) {
+    if (e instanceof IotlbMiss) return e;
+    throw e;
+  }
+  return null;
+}
+
+describe("resubmission after a restart behind the IOTLB", () => {
+  // A restarted back-end starts with an empty table: the first walk of a resubmitted chain misses.
+  test("SplitQueue.pop() retries a resubmitted chain that missed once the UPDATE arrives (never skips it)", () => {
+    const { t } = setup();
+    const N = 8, DESC = 0x1000, AVAIL = 0x2000, USED = 0x3000, IOVA = 0x4000_0000;
+    const ram = new DataView(mem.regions[0]!.windows[0]!.buffer, 0, SIZE);
+    const area = new Uint8Array(splitInflightQueueSize(N));
+    let availIdx = 0;
+    const map = (tbl: Iotlb, h: number) => tbl.update(IOVA + h * 0x1000, 0x1000, UVA + 0x10000 + h * 0x1000, PERM_RW);
+    const publish = (h: number) => {
+      ram.setUint32(DESC + h * 16, IOVA + h * 0x1000, true);
+      ram.setUint32(DESC + h * 16 + 8, 16, true);
+      ram.setUint16(AVAIL + 4 + 2 * (availIdx % N), h, true);
+      availIdx++;
+      ram.setUint16(AVAIL + 2, availIdx, true);
+    };
+    const backend = (base: number) => {
+      const q = new SplitQueue(0, mem);
+      // The rings themselves are reached directly here; only the buffers go through the table.
+      q.setRings(N, mem.uvaSpan(UVA + DESC, 16 * N), mem.uvaSpan(UVA + AVAIL, 6 + 2 * N), mem.uvaSpan(UVA + USED, 6 + 8 * N));
+      q.setBase(base);
+      q.setInflight(new SplitInflight(area, N));
+      q.startInflight();
+      return q;
+    };
+    const r = new Pieces(), w = new Pieces();
+    for (const h of [6, 1, 4, 3]) map(t, h);
+    const a = backend(0);
+    for (const h of [6, 1, 4]) publish(h);
+    expect([a.pop(r, w), a.pop(r, w), a.pop(r, w)]).toEqual([6, 1, 4]);
+    a.push(1, 0);
+    a.flush();
+    // The back-end dies with 6 and 4 in flight; its successor's table is empty.
+    const t2 = new Iotlb(mem);
+    mem.iotlb = t2;
+    const b = backend(1);
+    expect(b.pendingResubmits()).toBe(2);
+    const miss = missOf(() => b.pop(r, w));
+    expect(miss?.iova).toBe(IOVA + 6 * 0x1000);
+    // Asked again without an answer: the same miss, the chain still waits.
+    expect(missOf(() => b.pop(r, w))?.iova).toBe(IOVA + 6 * 0x1000);
+    expect(b.pendingResubmits()).toBe(2);
+    map(t2, 6);
+    expect(b.pop(r, w)).toBe(6);
+    expect(gpas(r)).toEqual([[GPA + 0x10000 + 6 * 0x1000, 16]]);
+    expect(missOf(() => b.pop(r, w))?.iova).toBe(IOVA + 4 * 0x1000);
+    map(t2, 4);
+    expect(b.pop(r, w)).toBe(4);
+    expect(b.pendingResubmits()).toBe(0);
+    publish(3);
+    map(t2, 3);
+    expect(b.pop(r, w)).toBe(3);
+    expect(b.pop(r, w)).toBe(-1);
+  });
+
+  test("PackedQueue.pop() retries a resubmitted buffer that missed once the UPDATE arrives (never skips it)", () => {
+    const IOVA = 0x4000_0000;
+    const gr = new GuestRam({ size: 4 << 20 });
+    const gm = new GuestMemory();
+    for (const reg of gr.memRegions()) gm.add(reg, gr.fd);
+    const drv = new PackedDriver(gr, { size: 8 });
+    const area = new Uint8Array(packedInflightQueueSize(8));
+    const map = (tbl: Iotlb, k: number) => tbl.update(IOVA + k * 0x1000, 0x1000, gr.uva(0x10_0000 + k * 0x1000), PERM_RW);
+    const backend = () => {
+      const q = new PackedQueue(0, gm);
+      q.setRings(8, gm.uvaSpan(gr.uva(drv.descGpa), 128), gm.uvaSpan(gr.uva(drv.driverGpa), 4), gm.uvaSpan(gr.uva(drv.deviceGpa), 4));
+      q.setBase(drv.vringBase);
+      q.setInflight(new PackedInflight(area, 8));
+      q.startInflight();
+      return q;
+    };
+    const r = new Pieces(), w = new Pieces();
+    try {
+      const t = new Iotlb(gm);
+      gm.iotlb = t;
+      for (let k = 0; k < 4; k++) map(t, k);
+      const a = backend();
+      const ids: number[] = [];
+      for (let k = 0; k < 2; k++) {
+        drv.begin();
+        drv.add(IOVA + 2 * k * 0x1000, 16, false);
+        drv.add(IOVA + (2 * k + 1) * 0x1000, 100, true);
+        ids.push(drv.commit());
+      }
+      drv.publish();
+      expect([a.pop(r, w), a.pop(r, w)]).toEqual(ids);
+      // The back-end dies with both buffers in flight; its successor's table is empty.
+      const t2 = new Iotlb(gm);
+      gm.iotlb = t2;
+      const b = backend();
+      expect(b.pendingResubmits()).toBe(2);
+      expect(missOf(() => b.pop(r, w))?.iova).toBe(IOVA);
+      map(t2, 0);
+      // The readable part is there now, the writable one still misses: the buffer still waits.
+      expect(missOf(() => b.pop(r, w))?.iova).toBe(IOVA + 0x1000);
+      expect(b.pendingResubmits()).toBe(2);
+      map(t2, 1);
+      expect(b.pop(r, w)).toBe(ids[0]!);
+      expect(w.total).toBe(100);
+      expect(missOf(() => b.pop(r, w))?.iova).toBe(IOVA + 0x2000);
+      map(t2, 2);
+      map(t2, 3);
+      expect(b.pop(r, w)).toBe(ids[1]!);
+      expect(b.pendingResubmits()).toBe(0);
+      expect(b.pop(r, w)).toBe(-1);
+    } finally {
+      drv.close();
+      gm.clear();
+      gr.close();
+    }
   });
 });

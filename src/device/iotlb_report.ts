@@ -4,7 +4,9 @@
  * is one 44-byte sendmsg on a unix stream socket, which the kernel queues
  * whole, so threads never interleave bytes. No NEED_REPLY: the answer to a
  * miss is an UPDATE on the main channel, and the front-end's acknowledgement
- * would arrive on a socket nobody here reads.
+ * would arrive on a socket nobody here reads. Device layer: the memory layer
+ * only throws IotlbMiss / IotlbAccessError; the rings (vring.ts, through
+ * VringHost.iotlbReport) decide to ask.
  */
 import * as sys from "../../ffi/sys.ts";
 import { encodeBackendMessage } from "../protocol/encode.ts";
