@@ -2,14 +2,14 @@
  * bunvhost: a vhost-user-blk back-end.
  *
  *   bun run server.ts [--socket PATH] [--image FILE | --size SIZE | --null SIZE] [--readonly]
- *                     [--direct] [--aio uring|sync] [--queues N] [--queue-size N] [--threads N]
+ *                     [--direct] [--aio auto|uring|sync] [--queues N] [--queue-size N] [--threads N]
  *                     [--poll-us N] [--serial ID] [--trace]
  *                     [--log-level debug|info|warn|error]
  */
 import { parseArgs } from "node:util";
 import { resolve } from "node:path";
 import { createDevice, type BlkSpec } from "./src/devices/blk.ts";
-import { shareBacking, type BackingSpec } from "./src/devices/blk_backing.ts";
+import { resolveAioPath, shareBacking, type Aio, type BackingSpec } from "./src/devices/blk_backing.ts";
 import { stderrLogger, type Level } from "./src/device/log.ts";
 import { VuServer } from "./src/server/vu_server.ts";
 import { IoThread } from "./src/server/io_thread.ts";
@@ -24,8 +24,9 @@ const USAGE = `usage: bun run server.ts [options]
   --null SIZE          serve a null disk of SIZE (reads leave buffers, writes are dropped)
   --readonly           refuse writes (VIRTIO_BLK_F_RO)
   --direct             open --image with O_DIRECT
-  --aio uring|sync     how --image is read and written: io_uring, many requests in flight per queue
-                       without blocking the loop (default), or synchronous syscalls
+  --aio auto|uring|sync  how --image is read and written: io_uring (many requests in flight per
+                       queue without blocking the loop), synchronous syscalls, or auto (default):
+                       io_uring, but synchronous for a buffered image on tmpfs/ramfs (memory copies)
   --queues N           number of virtqueues (default 1)
   --queue-size N       largest queue size accepted, a power of 2 (default 1024)
   --threads N          I/O threads serving the queues (default 1; 0: Bun's main loop)
@@ -103,7 +104,7 @@ async function main(): Promise<void> {
   if (new TextEncoder().encode(args.serial!).length > 20) usage("--serial must be at most 20 bytes");
   if (args.direct && !args.image) usage("--direct needs --image");
   if (args.aio !== undefined && !args.image) usage("--aio needs --image");
-  if (args.aio !== undefined && args.aio !== "uring" && args.aio !== "sync") usage("--aio must be uring or sync");
+  if (args.aio !== undefined && args.aio !== "auto" && args.aio !== "uring" && args.aio !== "sync") usage("--aio must be auto, uring or sync");
   const pollUs = parseIntArg("poll-us", args["poll-us"]!, 0, 1_000_000);
 
   const threads = parseIntArg("threads", args.threads!, 0, 64);
@@ -120,7 +121,14 @@ async function main(): Promise<void> {
   }
 
   const log = stderrLogger(level);
-  let aio = (args.aio ?? "uring") as "uring" | "sync";
+  let aio = (args.aio ?? "auto") as Aio;
+  if (args.image && aio === "auto") {
+    try {
+      aio = resolveAioPath(aio, resolve(args.image), args.direct === true);
+    } catch {
+      // Opening the image fails again below, with the error the user needs.
+    }
+  }
   const noUring = args.image && aio === "uring" ? uringUnavailable() : null;
   if (noUring !== null) {
     log.warn(`io_uring unavailable (${noUring}); --image uses synchronous I/O`);

@@ -21,6 +21,8 @@ export const O_CREAT = 0o100;
 export const O_EXCL = 0o200;
 export const O_TRUNC = 0o1000;
 export const O_NONBLOCK = 0o4000;
+/** statfs f_type of filesystems that live in memory (a read never waits for a device). */
+export const TMPFS_MAGIC = 0x01021994, RAMFS_MAGIC = 0x858458f6, HUGETLBFS_MAGIC = 0x958458f6;
 export const O_DIRECT = 0o40000;
 export const O_CLOEXEC = 0o2000000;
 export const F_GETFL = 3;

@@ -26,6 +26,7 @@ export const libc = dlopen(path, {
   getsockopt: { args: ["i32", "i32", "i32", "ptr", "ptr"], returns: "i32" },
 
   open: { args: ["cstring", "i32", "u32"], returns: "i32" },
+  fstatfs: { args: ["i32", "ptr"], returns: "i32" },
   close: { args: ["i32"], returns: "i32" },
   read: { args: ["i32", "ptr", "usize"], returns: i64f },
   write: { args: ["i32", "ptr", "usize"], returns: i64f },

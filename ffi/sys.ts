@@ -131,6 +131,18 @@ const fstatSym = (() => {
   }
 })();
 
+/** struct statfs is 120 bytes on x86-64; f_type is its first field (a long). */
+const statfsBuf = new BigInt64Array(16);
+
+/**
+ * fstatfs(2): the filesystem's magic number (f_type), e.g. TMPFS_MAGIC.
+ * @example fsType(fd) === TMPFS_MAGIC
+ */
+export function fsType(fd: number): number {
+  check("fstatfs", sym.fstatfs(fd, statfsBuf as any));
+  return Number(statfsBuf[0]! & 0xffffffffn);
+}
+
 /** fstat(2): mode and size; the size of a block device comes from BLKGETSIZE64. */
 export function fstat(fd: number): Stat {
   if (!fstatSym) throw new Error("fstat: not available in this libc");

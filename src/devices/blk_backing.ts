@@ -8,7 +8,8 @@ import * as sys from "../../ffi/sys.ts";
 import { Pinned } from "../../ffi/structs.ts";
 import { EACCES, EINVAL, ENOSYS, EOPNOTSUPP, EPERM, ErrnoError } from "../../ffi/errno.ts";
 import {
-  FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, O_DIRECT, O_RDONLY, O_RDWR,
+  FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, HUGETLBFS_MAGIC, O_DIRECT, O_RDONLY, O_RDWR,
+  RAMFS_MAGIC, TMPFS_MAGIC,
 } from "../../ffi/constants.ts";
 import type { ChainReader, ChainWriter, EventLoop } from "../device/api.ts";
 import { Uring, uringUnavailable, type UringDone } from "../io/uring.ts";
@@ -77,8 +78,43 @@ const URING_ENTRIES = 256;
 /** iovecs per op: a chain of seg_max (126) pieces fits; more go the synchronous way. */
 const URING_IOV_PER_OP = 128;
 
-/** How a file backing does its I/O: io_uring (once attached to a loop) or synchronous syscalls. */
-export type Aio = "uring" | "sync";
+/**
+ * How a file backing does its I/O: io_uring (once attached to a loop),
+ * synchronous syscalls, or "auto": io_uring, except for a buffered image on a
+ * filesystem that lives in memory (tmpfs, ramfs, hugetlbfs). A read there is a
+ * memory copy that never waits for a device, and such filesystems refuse
+ * non-blocking reads (RWF_NOWAIT: EOPNOTSUPP), so io_uring would hand every
+ * request to a kernel worker thread: measured 3.7 µs of CPU per 4 KiB read
+ * against 1.6 µs synchronously, at a quarter of the IOPS.
+ */
+export type Aio = "auto" | "uring" | "sync";
+
+/** What "auto" means for the image open as `fd`. */
+export function resolveAio(aio: Aio, fd: number, direct: boolean): "uring" | "sync" {
+  if (aio !== "auto") return aio;
+  if (direct) return "uring";
+  let t = 0;
+  try {
+    t = sys.fsType(fd);
+  } catch {
+    return "uring";
+  }
+  return t === TMPFS_MAGIC || t === RAMFS_MAGIC || t === HUGETLBFS_MAGIC ? "sync" : "uring";
+}
+
+/**
+ * What "auto" means for the image at `path` (opened read-only for a moment),
+ * e.g. for a log line before the I/O threads open it.
+ */
+export function resolveAioPath(aio: Aio, path: string, direct: boolean): "uring" | "sync" {
+  if (aio !== "auto") return aio;
+  const fd = sys.open(path, O_RDONLY);
+  try {
+    return resolveAio(aio, fd, direct);
+  } finally {
+    sys.closeQuiet(fd);
+  }
+}
 /** Bounce and zero buffer size: a multiple of any logical block size, so O_DIRECT accepts every chunk. */
 const BOUNCE_SIZE = 1 << 20;
 
@@ -133,7 +169,7 @@ class FileBacking implements Backing {
   ring: Uring | null = null;
 
   constructor(fd: number, readonly name: string, public size: number, readonly readonly: boolean,
-    private readonly direct: boolean, private readonly aio: Aio) {
+    private readonly direct: boolean, private readonly aio: "uring" | "sync") {
     this.fd = fd;
   }
 
@@ -331,9 +367,10 @@ function warnSyncOnce(why: string): void {
  * Opens a raw image or a block device. Without `readonly`, a file that may
  * not be written (EACCES, EPERM, EROFS) is opened read-only. With `direct`,
  * I/O bypasses the host page cache; guest buffers O_DIRECT cannot take go
- * through a bounce buffer. With `aio: "uring"` (the default) reads, writes
- * and flushes go through an io_uring once the backing is attached to a loop
- * (Device.attach); before that, and with `aio: "sync"`, they are synchronous.
+ * through a bounce buffer. With `aio: "uring"` reads, writes and flushes go
+ * through an io_uring once the backing is attached to a loop (Device.attach);
+ * before that, and with `aio: "sync"`, they are synchronous; "auto" (the
+ * default) picks one per filesystem (see `Aio`).
  * @example const disk = openFileBacking("/var/lib/vm/disk.raw", { direct: true });
  */
 export function openFileBacking(path: string, opts: { readonly?: boolean; direct?: boolean; aio?: Aio } = {}): Backing {
@@ -355,7 +392,8 @@ export function openFileBacking(path: string, opts: { readonly?: boolean; direct
     const st = sys.fstat(fd);
     if (!st.isRegular && !st.isBlock) throw new BlkBackingError("NOT_A_DISK", path, "not a regular file or block device");
     if (st.size < SECTOR) throw new BlkBackingError("SIZE", path, `${st.size} bytes, less than one sector`);
-    return new FileBacking(fd, path, st.size, ro, opts.direct === true, opts.aio ?? "uring");
+    const direct = opts.direct === true;
+    return new FileBacking(fd, path, st.size, ro, direct, resolveAio(opts.aio ?? "auto", fd, direct));
   } catch (e) {
     sys.closeQuiet(fd);
     throw e;

@@ -148,7 +148,7 @@ describe.skipIf(why !== null)(`--aio uring${why ? ` [skipped: ${why}]` : ""}`, (
     test(`QD32 through BlkDriver keeps several requests in one io_uring at once${direct ? " (O_DIRECT on ext4)" : " (tmpfs)"}; data intact`, async () => {
       const img = image(direct ? ext4 : dir, `inproc${direct ? "-direct" : ""}.img`);
       const loop = new MainLoop();
-      const backing = openFileBacking(img, { direct });
+      const backing = openFileBacking(img, { direct, aio: "uring" });
       const dev = createBlk({ backing });
       dev.attach!(loop);
       const ring = (backing as unknown as { ring: Uring | null }).ring;
@@ -254,7 +254,7 @@ describe.skipIf(why !== null)(`--aio uring${why ? ` [skipped: ${why}]` : ""}`, (
   }, 60_000);
 
   test("--poll-us 200: data intact at QD32, and the idle server still sleeps once the work is over", async () => {
-    const be = await kind.start({ size: DISK, image: image(dir, "poll.img"), queues: 2, extraArgs: ["--threads", "2", "--poll-us", "200"] });
+    const be = await kind.start({ size: DISK, image: image(dir, "poll.img"), queues: 2, extraArgs: ["--aio", "uring", "--threads", "2", "--poll-us", "200"] });
     try {
       expectClean(await runDriver({ socket: be.socket, queues: 2, seed: 31 }));
       using d = BlkDriver.connect(be.socket, { queues: 2, timeoutMs: 5000 });
@@ -270,7 +270,7 @@ describe.skipIf(why !== null)(`--aio uring${why ? ` [skipped: ${why}]` : ""}`, (
   }, 60_000);
 
   test("--poll-us really polls after work (a 1 s window burns CPU), then the thread sleeps", async () => {
-    const be = await kind.start({ size: DISK, image: image(dir, "poll1s.img"), extraArgs: ["--threads", "1", "--poll-us", "1000000"] });
+    const be = await kind.start({ size: DISK, image: image(dir, "poll1s.img"), extraArgs: ["--aio", "uring", "--threads", "1", "--poll-us", "1000000"] });
     try {
       using d = BlkDriver.connect(be.socket, { timeoutMs: 5000 });
       await Bun.sleep(1500); // the set-up's own window ends
@@ -291,7 +291,7 @@ describe.skipIf(why !== null)(`--aio uring${why ? ` [skipped: ${why}]` : ""}`, (
   }, 60_000);
 
   test("a connected, idle server on io_uring uses no CPU (requests in flight never made the loop spin)", async () => {
-    const be = await kind.start({ size: DISK, image: image(dir, "idle.img"), queues: 2, extraArgs: ["--threads", "2"] });
+    const be = await kind.start({ size: DISK, image: image(dir, "idle.img"), queues: 2, extraArgs: ["--aio", "uring", "--threads", "2"] });
     try {
       expectClean(await runDriver({ socket: be.socket, queues: 2, ops: 600, seed: 5 }), 600);
       using d = BlkDriver.connect(be.socket, { queues: 2, timeoutMs: 5000 });

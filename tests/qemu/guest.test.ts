@@ -178,7 +178,7 @@ function diskIoTests(kind: BackendKind): void {
     image = makeImage(join(dir, "disk.img"), DISK);
     const t0 = performance.now();
     // bunvhost: each of the two queues on its own I/O thread.
-    const backend = await kind.start({ size: DISK, image, queues: 2, extraArgs: kind.name === "bunvhost" ? ["--threads", "2"] : [] });
+    const backend = await kind.start({ size: DISK, image, queues: 2, extraArgs: kind.name === "bunvhost" ? ["--threads", "2", "--aio", "uring"] : [] });
     let guest: Guest | null = null;
     try {
       // packed=on: bunvhost serves this boot on packed rings; qsd 7.2 does not offer
@@ -269,7 +269,7 @@ function restartTest(kind: BackendKind): void {
     const log = () => backends.map((b, i) => `--- ${kind.name} #${i + 1} stderr:\n${b.stderr()}`).join("\n");
     const passes = (g: Guest, key: string) => g.results().filter((x) => x.key === key);
     try {
-      const first = await kind.start({ size: DISK, image });
+      const first = await kind.start({ size: DISK, image, extraArgs: kind.name === "bunvhost" ? ["--aio", "uring"] : [] });
       backends.push(first);
       symlinkSync(first.socket, link);
       guest = await Guest.boot({ dir, blk: [{ socket: link, reconnect: 1 }], script: RESTART_SCRIPT });
@@ -283,7 +283,7 @@ function restartTest(kind: BackendKind): void {
       // bunvhost: the same socket path (it replaces the stale socket file); qsd: a new socket, and the symlink moves.
       const second = await kind.start({
         size: DISK, image,
-        extraArgs: kind.name === "bunvhost" ? ["--socket", first.socket] : [],
+        extraArgs: kind.name === "bunvhost" ? ["--socket", first.socket, "--aio", "uring"] : [],
       });
       backends.push(second);
       if (kind.name !== "bunvhost") {

@@ -1,10 +1,10 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { toArrayBuffer } from "bun:ffi";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync, chmodSync, truncateSync } from "node:fs";
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, chmodSync, truncateSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as sys from "../../ffi/sys.ts";
-import { MAP_SHARED, PROT_READ, PROT_WRITE } from "../../ffi/constants.ts";
+import { MAP_SHARED, PROT_READ, PROT_WRITE, TMPFS_MAGIC } from "../../ffi/constants.ts";
 import { Pieces } from "../../src/memory/pieces.ts";
 import { ChainReader, ChainWriter, ChainRangeError } from "../../src/virtq/chain_io.ts";
 import { PENDING, type Device, type Request } from "../../src/device/api.ts";
@@ -15,7 +15,9 @@ import {
   VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
   VIRTIO_BLK_T_WRITE_ZEROES,
 } from "../../src/devices/blk.ts";
-import { BlkBackingError, nullBacking, openFileBacking, ramBacking, type Backing } from "../../src/devices/blk_backing.ts";
+import {
+  BlkBackingError, nullBacking, openFileBacking, ramBacking, resolveAio, resolveAioPath, type Backing,
+} from "../../src/devices/blk_backing.ts";
 
 // ---- guest memory: a memfd mapped like a front-end's region -----------------------------------
 
@@ -779,6 +781,33 @@ describe("openFileBacking({ direct: true })", () => {
 
 // ---- asynchronous path: a file backing attached to a real epoll loop, completing through io_uring ----
 
+describe("--aio auto", () => {
+  test("auto is synchronous for a buffered image on tmpfs, io_uring on ext4 and with O_DIRECT", () => {
+    const shmDir = existsSync("/dev/shm") ? mkdtempSync("/dev/shm/bunvhost-auto-") : null;
+    const extDir = mkdtempSync("/tmp/bunvhost-auto-");
+    try {
+      const onExt = makeFile(extDir, "a.img", 1 << 20);
+      const fd = openSync(onExt, "r");
+      try {
+        // /tmp is ext4 on these machines; were it tmpfs, auto would rightly choose sync.
+        expect(resolveAio("auto", fd, false)).toBe(sys.fsType(fd) === TMPFS_MAGIC ? "sync" : "uring");
+        expect(resolveAio("auto", fd, true)).toBe("uring");
+        expect(resolveAio("sync", fd, true)).toBe("sync");
+      } finally {
+        closeSync(fd);
+      }
+      if (shmDir) {
+        const onShm = makeFile(shmDir, "a.img", 1 << 20);
+        expect(resolveAioPath("auto", onShm, false)).toBe("sync");
+        expect(resolveAioPath("uring", onShm, false)).toBe("uring");
+      }
+    } finally {
+      rmSync(extDir, { recursive: true, force: true });
+      if (shmDir) rmSync(shmDir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe("Blk over io_uring (attach)", () => {
   /** Runs one request that may go PENDING; waits (reaping the ring) until req.complete() is called. */
   async function runAsync(dev: Device, rd: Buf[], wr: Buf[]): Promise<Result & { pending: boolean }> {
@@ -805,7 +834,7 @@ describe("Blk over io_uring (attach)", () => {
 
   test("IN, OUT (write-through: then fdatasync) and FLUSH return PENDING and complete once, with the bytes in place", async () => {
     const path = makeFile(tmp, "uring.img", 1 << 20);
-    const backing = openFileBacking(path);
+    const backing = openFileBacking(path, { aio: "uring" });
     const dev = createBlk({ backing });
     const loop = new EpollLoop();
     try {
@@ -829,7 +858,7 @@ describe("Blk over io_uring (attach)", () => {
 
   test("an IN the file no longer holds (shrunk under us) completes with IOERR, its bytes zero-padded to the status", async () => {
     const path = makeFile(tmp, "uring-shrink.img", 1 << 20);
-    const backing = openFileBacking(path);
+    const backing = openFileBacking(path, { aio: "uring" });
     const dev = createBlk({ backing });
     const loop = new EpollLoop();
     try {
