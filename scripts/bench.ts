@@ -34,7 +34,7 @@
  * Everything below the hand-written marker of an existing output file is kept.
  */
 import { $ } from "zx";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { BlkDriver, VIRTIO_BLK_T_IN, type ReqOpts } from "../src/frontend/blk_driver.ts";
@@ -100,7 +100,8 @@ $.verbose = true;
 
 // ---- back-ends -------------------------------------------------------------------
 
-type Backing = "null" | "file";
+/** null: no data; file: a buffered image on tmpfs (page cache); disk: an image on ext4 read with O_DIRECT (the VM's disk). */
+type Backing = "null" | "file" | "disk";
 interface Config { name: string; backing: Backing; queues: number; depth: number; pin: Pin }
 interface Variant {
   name: string;
@@ -118,11 +119,12 @@ const exportOpts = (socket: string, node: string, c: Config, iothread: boolean) 
 const qsdBlockdev = (c: Config, image: string) =>
   c.backing === "null"
     ? `driver=null-co,node-name=n,size=${DISK_BYTES},read-zeroes=off`
-    : `driver=file,node-name=n,filename=${image}`;
+    : `driver=file,node-name=n,filename=${image}${c.backing === "disk" ? ",cache.direct=on" : ""}`;
 
 const bunvhostArgv = (extra: string[]) => (socket: string, c: Config, image: string) => [
   BUN, "run", "server.ts", "--socket", socket,
-  ...(c.backing === "null" ? ["--null", "1G"] : ["--image", image]), "--queues", String(c.queues), ...extra,
+  ...(c.backing === "null" ? ["--null", "1G"] : ["--image", image]), ...(c.backing === "disk" ? ["--direct"] : []),
+  "--queues", String(c.queues), ...extra,
 ];
 const VARIANTS: Variant[] = [
   { name: "bunvhost", argv: bunvhostArgv([]) },
@@ -144,11 +146,19 @@ if (HAS_THREADS) {
   VARIANTS.splice(1, 0, { name: "bunvhost main loop", argv: bunvhostArgv(["--threads", "0"]) });
   VARIANTS.splice(2, 0, { name: "bunvhost 2 threads", argv: bunvhostArgv(["--threads", "2"]), only: (c) => c.queues === 2 });
 }
-// File rows: a server with --aio runs --image on io_uring by default; its synchronous path is measured beside it,
-// and qsd on io_uring (aio=io_uring on its file blockdev) beside qsd's default thread pool.
+// Image rows: the server's default (--aio auto: synchronous on tmpfs, io_uring for an O_DIRECT disk) with the other
+// path measured beside it, and qsd on io_uring (aio=io_uring on its file blockdev) beside qsd's default thread pool.
 const HAS_AIO = serverHelp.includes("--aio");
-const fileOnly = (c: Config) => c.backing === "file";
-if (HAS_AIO) VARIANTS.push({ name: "bunvhost aio=sync", argv: bunvhostArgv(["--aio", "sync"]), only: fileOnly });
+const HAS_AUTO = serverHelp.includes("--aio auto");
+const fileOnly = (c: Config) => c.backing !== "null";
+if (HAS_AIO) {
+  if (HAS_AUTO) {
+    VARIANTS.push({ name: "bunvhost aio=uring", argv: bunvhostArgv(["--aio", "uring"]), only: (c) => c.backing === "file" });
+    VARIANTS.push({ name: "bunvhost aio=sync", argv: bunvhostArgv(["--aio", "sync"]), only: (c) => c.backing === "disk" });
+  } else {
+    VARIANTS.push({ name: "bunvhost aio=sync", argv: bunvhostArgv(["--aio", "sync"]), only: fileOnly });
+  }
+}
 VARIANTS.push({
   name: "qsd aio=io_uring",
   only: fileOnly,
@@ -522,6 +532,8 @@ function configs(): Config[] {
   }
   // Both sides on one CPU: IOPS then follows the sum of their CPU costs per I/O, and a wakeup is a context switch
   // on the same CPU instead of a cross-CPU one.
+  // O_DIRECT on the VM's own disk: what io_uring is for (a read waits for the device).
+  for (const depth of [1, 32, 128]) all.push({ name: `disk 1q QD${depth}`, backing: "disk", queues: 1, depth, pin: PIN ?? "split" });
   if (PIN === undefined) {
     for (const depth of [1, 32, 128]) all.push({ name: `null 1q QD${depth} one CPU`, backing: "null", queues: 1, depth, pin: "same" });
   }
@@ -595,9 +607,17 @@ let serverRev = await revision();
 
 const list = configs();
 const needFile = list.some((c) => c.backing === "file");
+const needDisk = list.some((c) => c.backing === "disk");
 const imgDir = mkdtempSync("/dev/shm/bunvhost-img-");
 const image = join(imgDir, "disk.img");
 if (needFile) await $`fallocate -l ${DISK_BYTES} ${image}`; // real tmpfs pages, not holes
+// The disk image lives on the filesystem of the repository (ext4 here), written for real: fallocate would leave
+// unwritten extents, which O_DIRECT reads answer with zeroes without touching the device.
+mkdirSync(join(ROOT, "build"), { recursive: true });
+const diskDir = mkdtempSync(join(ROOT, "build", "bench-disk-"));
+const diskImage = join(diskDir, "disk.img");
+if (needDisk) await $`dd if=/dev/urandom of=${diskImage} bs=1M count=${DISK_BYTES >> 20} oflag=direct status=none`;
+const imageFor = (c: Config) => (c.backing === "disk" ? diskImage : image);
 console.log(`\n${list.length} configurations × ${VARIANTS.length} back-ends × ${RUNS} runs, ${WARMUP_S} s warm-up + ${MEASURE_S} s each`);
 
 /** Runs `fn` again (up to MAX_REDO times) while other jobs took more than OTHER_LIMIT CPUs during its interval. */
@@ -625,7 +645,7 @@ try {
     for (let run = 0; run < RUNS; run++) {
       for (const v of VARIANTS) {
         if ((v.only && !v.only(c)) || (BACKENDS !== null && !BACKENDS.test(v.name))) continue;
-        const s = await quiet(`${c.name} ${v.name}`, () => runOne(v, c, image));
+        const s = await quiet(`${c.name} ${v.name}`, () => runOne(v, c, imageFor(c)));
         if (!per.has(v.name)) per.set(v.name, { samples: [] });
         per.get(v.name)!.samples.push(s);
         console.log(
@@ -670,6 +690,7 @@ try {
   }
 } finally {
   rmSync(imgDir, { recursive: true, force: true });
+  rmSync(diskDir, { recursive: true, force: true });
 }
 
 function report(ceiling: Map<string, Sample[]>, prof: Awaited<ReturnType<typeof profile>>): string {
@@ -704,7 +725,12 @@ function report(ceiling: Map<string, Sample[]>, prof: Awaited<ReturnType<typeof 
       : "--quick runs nothing again. ") + "The summary shows the median of that load per configuration.");
   L.push(`- Null backings: bunvhost \`--null 1G\` (reads leave the guest buffer as it is) against qsd \`null-co\` with \`read-zeroes=off\` ` +
     `(the same: no data touched). File: a 1 GiB image on tmpfs (/dev/shm, allocated with \`fallocate\`), page-cache reads for both ` +
-    `(tmpfs has no O_DIRECT). bunvhost: io_uring${HAS_AIO ? " (its default \`--aio uring\`; \`bunvhost aio=sync\`: synchronous preadv/pwritev)" : ""}; ` +
+    `(tmpfs has no O_DIRECT). Disk: a 1 GiB image on the repository's filesystem (ext4 on the VM's virtio disk), written with ` +
+    `random data first, read with O_DIRECT by both (bunvhost \`--direct\`, qsd \`cache.direct=on\`). ` +
+    (HAS_AUTO
+      ? "bunvhost: its default `--aio auto` (synchronous preadv on tmpfs, io_uring for the O_DIRECT disk), with the other path " +
+        "beside it (`bunvhost aio=uring` on tmpfs, `bunvhost aio=sync` on the disk); "
+      : `bunvhost: io_uring${HAS_AIO ? " (`bunvhost aio=sync`: synchronous preadv/pwritev)" : ""}; `) +
     `qsd: its default \`aio=threads\`, and \`qsd aio=io_uring\`.`);
   L.push("");
   L.push("Command lines (`$SOCK` a fresh socket under /dev/shm, `$IMG` the image; run from the repository root; each prefixed " +
