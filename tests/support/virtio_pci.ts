@@ -867,8 +867,8 @@ export class PackedQueue implements Virtqueue {
   /**
    * `count` buffers of one fixed shape, a ring's worth per batch: each batch
    * is written with at most three qtest writes (its first head's flags last),
-   * kicked, and complete when the used descriptor at the batch's last chain
-   * position appears (the device fills positions in order). Cheap enough
+   * kicked, and complete when the used descriptor of every chain has
+   * appeared, read in ring order. Cheap enough
    * for thousands of requests across many wraps. The device writes into the
    * same buffers every time (use FLUSH or GET_ID). Needs an idle queue;
    * returns the used descriptors of the last batch.
@@ -891,10 +891,8 @@ export class PackedQueue implements Virtqueue {
       const ring = new Uint8Array(16 * this.size);
       const dv = new DataView(ring.buffer);
       const start = this.nextAvail, startWrap = this.availWrap;
-      let firstFlags = 0, lastHead = 0, lastWrap = 0;
+      let firstFlags = 0;
       for (let c = 0; c < n; c++) {
-        lastHead = this.nextAvail;
-        lastWrap = this.availWrap;
         for (let i = 0; i < per; i++) {
           let flags = this.availFlags(this.availWrap);
           if (indirect) {
@@ -919,11 +917,18 @@ export class PackedQueue implements Virtqueue {
       await this.qt.writew(this.desc + 16 * start + 14, firstFlags);
       this.availCount += total;
       await this.kick();
+      // Every chain's used descriptor, in ring order as a driver must read them: a device may publish a batch
+      // with its first descriptor's flags last (ours does), so seeing the last one used says nothing about the
+      // first, and overwriting that slot before the device's flag store lands would lose the next batch.
       const deadline = Date.now() + (o.timeoutMs ?? 5000);
-      while (!this.isUsed(await this.qt.readw(this.desc + 16 * lastHead + 14), lastWrap)) {
-        if (Date.now() > deadline) {
-          throw new VirtioPciError(`queue ${this.index}: flood stalled: slot ${lastHead} not used (${done} done, batch of ${n})`);
+      for (let c = 0, p = start, w = startWrap; c < n; c++) {
+        while (!this.isUsed(await this.qt.readw(this.desc + 16 * p + 14), w)) {
+          if (Date.now() > deadline) {
+            throw new VirtioPciError(`queue ${this.index}: flood stalled: slot ${p} not used (${done} done, batch of ${n})`);
+          }
         }
+        p += per;
+        if (p >= this.size) p -= this.size, w ^= 1;
       }
       if (done + n >= count) {
         const raw = await this.qt.memread(this.desc, 16 * this.size);
