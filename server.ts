@@ -148,7 +148,7 @@ async function main(): Promise<void> {
   }
   const pool: IoThread[] = [];
   for (let i = 0; i < threads; i++) {
-    pool.push(new IoThread(`io${i}`, { module: new URL("./src/devices/blk.ts", import.meta.url).href, options: spec }, { logLevel: level, pollUs }));
+    pool.push(new IoThread(`io${i}`, { module: new URL("./src/devices/blk.ts", import.meta.url).href, options: spec }, { logLevel: level, pollUs, trace: args.trace }));
   }
   try {
     await Promise.all(pool.map((t) => t.ready));

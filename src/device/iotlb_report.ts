@@ -10,7 +10,8 @@
  */
 import * as sys from "../../ffi/sys.ts";
 import { encodeBackendMessage } from "../protocol/encode.ts";
-import { BackendReq, HDR_SIZE, Size } from "../protocol/messages.ts";
+import { BackendReq, HDR_SIZE, Size, type Message } from "../protocol/messages.ts";
+import { describeBackendMessage } from "../protocol/describe.ts";
 
 let buf: sys.MsgBuf | null = null;
 
@@ -19,12 +20,12 @@ let buf: sys.MsgBuf | null = null;
  * Returns false when it could not be sent now (socket full or gone); the caller asks again later.
  * @example sendIotlbReport(backendFd, 1, 0x1000_0000, 1); // MISS, read access
  */
-export function sendIotlbReport(fd: number, type: number, iova: number, perm: number): boolean {
+export function sendIotlbReport(fd: number, type: number, iova: number, perm: number, trace?: (line: string) => void): boolean {
   if (fd < 0) return false;
   const b = (buf ??= new sys.MsgBuf(HDR_SIZE + Size.IOTLB));
-  const n = encodeBackendMessage({
-    request: BackendReq.IOTLB_MSG, flags: 0, fds: [], iotlb: { iova, size: 0, uaddr: 0, perm, type },
-  }, b.dataView);
+  const m: Message = { request: BackendReq.IOTLB_MSG, flags: 0, fds: [], iotlb: { iova, size: 0, uaddr: 0, perm, type } };
+  const n = encodeBackendMessage(m, b.dataView);
+  trace?.(`=> ${describeBackendMessage(m)}`);
   try {
     return b.send(fd, 0, n) === n;
   } catch {

@@ -22,6 +22,7 @@ import { bit, ProtocolFeature, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, 
   VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from "../protocol/features.ts";
 import { BackendReq, HDR_SIZE, MAX_CONFIG_SIZE, Req, requestName, type Message } from "../protocol/messages.ts";
 import { encodeBackendMessage } from "../protocol/encode.ts";
+import { describeBackendMessage } from "../protocol/describe.ts";
 import type { Device } from "./api.ts";
 import type { Logger } from "./log.ts";
 import type { EventLoop } from "./loop.ts";
@@ -78,6 +79,8 @@ export interface VuDevOptions {
   /** I/O threads, and for each queue the index of the thread serving it (-1 or absent: the main loop). */
   threads?: RingChannel[];
   queueThread?: number[];
+  /** --trace: log what we send on the back-end channel ("=>"), as the connection logs the main channel. */
+  trace?: boolean;
 }
 
 export class VuDev {
@@ -518,7 +521,9 @@ export class VuDev {
     const buf = new sys.MsgBuf(HDR_SIZE + 16);
     try {
       // No NEED_REPLY: the front-end's acknowledgement would arrive on a socket nobody here reads.
-      const n = encodeBackendMessage({ request: BackendReq.CONFIG_CHANGE_MSG, flags: 0, fds: [] }, buf.dataView);
+      const cm: Message = { request: BackendReq.CONFIG_CHANGE_MSG, flags: 0, fds: [] };
+      const n = encodeBackendMessage(cm, buf.dataView);
+      this.traceBackend(cm);
       const deadline = Date.now() + 2000;
       for (let off = 0; off < n;) {
         const w = buf.send(this.backendFd, off, n - off);
@@ -724,7 +729,13 @@ export class VuDev {
     else this.iotlbStats.accessFails++;
     this.log.debug(`IOTLB ${type === 1 ? "miss" : "access failure"} iova=0x${iova.toString(16)} ${permName(perm)}`);
     if ((this.protocolFeatures & bit(ProtocolFeature.BACKEND_REQ)) === 0n) return false;
-    return sendIotlbReport(this.backendFd, type, iova, perm);
+    return sendIotlbReport(this.backendFd, type, iova, perm, this.opts.trace ? this.traceLine : undefined);
+  }
+
+  private readonly traceLine = (line: string) => this.log.info(line);
+
+  private traceBackend(m: Message): void {
+    if (this.opts.trace) this.log.info(`=> ${describeBackendMessage(m)}`);
   }
 
   /**
@@ -844,6 +855,7 @@ export class VuDev {
     m.request = request;
     m.state!.index = index;
     const n = encodeBackendMessage(m, buf.dataView);
+    this.traceBackend(m);
     let off = 0;
     try {
       const deadline = performance.now() + 1000;

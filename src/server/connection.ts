@@ -18,7 +18,7 @@ import { Refused, type VuDev } from "../device/vu_dev.ts";
 import { decodeHeader, decodeRequest, type Header } from "../protocol/decode.ts";
 import { encodeMessage } from "../protocol/encode.ts";
 import { FLAG_NEED_REPLY, FLAG_REPLY, HDR_SIZE, requestName, type Message } from "../protocol/messages.ts";
-import { describeMessage } from "./trace.ts";
+import { describeMessage } from "../protocol/describe.ts";
 
 export class Connection {
   private readonly rx = new sys.MsgBuf(HDR_SIZE + 4096);

@@ -22,6 +22,8 @@ export interface IoThreadOptions {
   logLevel?: Level;
   /** Busy-poll window after a round with work, µs (default 0: off; see EpollLoop.pollUs). */
   pollUs?: number;
+  /** --trace: the thread logs the back-end messages it sends itself (IOTLB misses). */
+  trace?: boolean;
 }
 
 interface Pending { resolve(v: unknown): void; reject(e: unknown): void }
@@ -70,6 +72,7 @@ export class IoThread implements RingChannel {
       workerData: {
         port: port2, ctl: this.ctl, name, module: spec.module, options: spec.options,
         windowSize: o.windowSize ?? DEFAULT_WINDOW_SIZE, logLevel: o.logLevel ?? "info", pollUs: o.pollUs ?? 0,
+        trace: o.trace ?? false,
       },
       transferList: [port2],
     } as any);

@@ -27,6 +27,8 @@ interface Init {
   windowSize: number;
   logLevel: Level;
   pollUs: number;
+  /** --trace: log the back-end messages this thread sends itself (IOTLB misses). */
+  trace?: boolean;
 }
 
 const init = workerData as Init;
@@ -58,7 +60,7 @@ const host: VringHost = {
   promisesChanged: (d: number) => { promises += d; },
   iotlbReport: (type: number, iova: number, perm: number) => {
     log.debug(`IOTLB ${type === 1 ? "miss" : "access failure"} iova=0x${iova.toString(16)} ${permName(perm)}`);
-    return sendIotlbReport(iotlbFd, type, iova, perm);
+    return sendIotlbReport(iotlbFd, type, iova, perm, init.trace ? (line) => log.info(line) : undefined);
   },
 };
 /** The back-end channel, lent by the main thread while the IOTLB is on (taken back, acknowledged, before it is closed). */

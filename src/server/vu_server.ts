@@ -128,6 +128,7 @@ export class VuServer {
       onBroken: (e) => void conn.end(`device broken: ${e.message}`),
       threads: this.opts.threads,
       queueThread: this.opts.queueThread,
+      trace: this.opts.trace,
     });
     conn = new Connection(fd, dev, this.loop, this.log, this.opts.trace);
     this.conn = conn;

@@ -127,7 +127,7 @@ for (const threads of [0, 1]) {
     });
 
     test("I/O by IOVA: misses answered by UPDATEs, data intact, invalidation and remap with requests in flight", async () => {
-      be = await kind.start({ size: 8 << 20, extraArgs: ["--threads", String(threads), "--log-level", "debug"] });
+      be = await kind.start({ size: 8 << 20, extraArgs: ["--threads", String(threads), "--log-level", "debug", "--trace"] });
       s = new Session(be.socket);
       s.stderr = be.stderr;
       const ram = s.ram;
@@ -185,6 +185,9 @@ for (const threads of [0, 1]) {
       const log = be.stderr();
       expect(log).toContain("IOTLB on");
       expect(log).toMatch(/IOTLB miss iova=0x/);
+      // --trace shows what the back-end sends on its channel too, from whichever thread sends it.
+      const sent = [...log.matchAll(/=> IOTLB_MSG flags=\S+ iotlb type=miss iova=(0x[0-9a-f]+) size=0x0 uaddr=0x0 perm=(ro|wo|rw)\n/g)];
+      expect(sent.length).toBeGreaterThanOrEqual(s.misses);
       expect(log).not.toMatch(/error:/);
     }, 60_000);
 
@@ -253,7 +256,7 @@ for (const threads of [0, 1]) {
     }, 60_000);
 
     test("a device write into a read-only mapping is refused: ACCESS_FAIL, queue broken, nothing written", async () => {
-      be = await kind.start({ size: 8 << 20, extraArgs: ["--threads", String(threads), "--log-level", "debug"] });
+      be = await kind.start({ size: 8 << 20, extraArgs: ["--threads", String(threads), "--log-level", "debug", "--trace"] });
       s = new Session(be.socket);
       const ram = s.ram;
       // A write request works through read-only pages (the device only reads them).

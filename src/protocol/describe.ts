@@ -1,13 +1,26 @@
 /** One-line descriptions of messages for --trace and debug logs. */
-import { requestName, type Message } from "../protocol/messages.ts";
+import { backendRequestName, requestName, type Message } from "./messages.ts";
 
 const hex = (n: number | bigint) => `0x${n.toString(16)}`;
 /** struct vhost_iotlb_msg `type` (1-4) and `perm` (0-3), as the spec names them. */
 const IOTLB_TYPES = ["?", "miss", "update", "invalidate", "access-fail"];
 const IOTLB_PERMS = ["none", "ro", "wo", "rw"];
 
+/**
+ * A front-end request (or our reply to one), decoded, on one line.
+ * @example describeMessage(m); // "GET_VRING_BASE flags=0x1 index=0 num=0"
+ */
 export function describeMessage(m: Message): string {
-  const parts: string[] = [requestName(m.request), `flags=${hex(m.flags)}`];
+  return describe(requestName(m.request), m);
+}
+
+/** A back-end request (on the back-end channel), decoded, on one line. */
+export function describeBackendMessage(m: Message): string {
+  return describe(backendRequestName(m.request), m);
+}
+
+function describe(name: string, m: Message): string {
+  const parts: string[] = [name, `flags=${hex(m.flags)}`];
   if (m.u64 !== undefined) parts.push(`u64=${hex(m.u64)}`);
   if (m.state) parts.push(`index=${m.state.index} num=${m.state.num}`);
   if (m.vring) parts.push(`index=${m.vring.index}${m.vring.noFd ? " nofd" : ""}`);
