@@ -7,6 +7,7 @@ import { SplitQueue } from "../../src/virtq/split.ts";
 import { PackedQueue } from "../../src/virtq/packed.ts";
 import { GuestRam } from "../../src/frontend/guest_ram.ts";
 import { PackedDriver } from "../../src/frontend/packed_driver.ts";
+import { fillRandom, rng } from "../support/random.ts";
 
 // A split ring of 8 in 1 MiB of guest memory, and an inflight area in a plain buffer
 // (the same bytes a memfd shared with the front-end would hold).
@@ -282,6 +283,53 @@ function packedCrashRun(o: { size: number; seed: number; requests: number; crash
 }
 
 describe("PackedInflight", () => {
+  test("a hostile area (random bytes, then random edits of a valid one) gives InflightAreaError or sane buffers, nothing else", () => {
+    // The front-end owns the area's contents (SET_INFLIGHT_FD): recovery must never trust an index.
+    const rnd = rng(0x9e3779b9);
+    const outcomes = { refused: 0, recovered: 0 };
+    for (const n of [1, 3, 8, 64]) {
+      const area = new Uint8Array(packedInflightQueueSize(n));
+      for (let round = 0; round < 400; round++) {
+        if (round % 2 === 0) {
+          fillRandom(area, rnd);
+          // Often keep the header plausible so that recovery goes past the first checks.
+          if (round % 4 === 0) area.set([n & 0xff, n >> 8], 10);
+        } else {
+          const log = new PackedInflight(area, n);
+          log.init(rnd() % n, rnd() & 1);
+          for (let k = 0; k < 8; k++) area[rnd() % area.length] = rnd() & 0xff;
+        }
+        const log = new PackedInflight(area, n);
+        try {
+          const bufs = log.recover(() => (rnd() & 1) === 1);
+          const ids = new Set<number>();
+          for (const b of bufs) {
+            expect(b.id).toBeLessThan(n);
+            expect(b.head).toBeLessThan(n);
+            expect(b.num).toBeGreaterThan(0);
+            expect(b.num).toBeLessThanOrEqual(n);
+            ids.add(b.id);
+            const d = { addr: 0, len: 0, flags: 0 };
+            for (let k = 0; k < b.num; k++) {
+              try {
+                log.stored(b.head, k, d);
+              } catch (e) {
+                expect((e as Error).name).toBe("InflightAreaError");
+              }
+            }
+          }
+          expect(ids.size).toBe(bufs.length);
+          outcomes.recovered++;
+        } catch (e) {
+          expect((e as Error).name).toBe("InflightAreaError");
+          outcomes.refused++;
+        }
+      }
+    }
+    expect(outcomes.refused).toBeGreaterThan(0);
+    expect(outcomes.recovered).toBeGreaterThan(0);
+  });
+
   test("packedInflightQueueSize() is 32 + 32 per entry, rounded up to 64", () => {
     expect(packedInflightQueueSize(8)).toBe(320);
     expect(packedInflightQueueSize(128)).toBe(4096 + 64);
