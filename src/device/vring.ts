@@ -85,6 +85,11 @@ export class Vring implements RingCtl {
   private busy = new Uint8Array(0);
   private watchId = -1;
   private flushQueued = false;
+  /** One flush per microtask turn for asynchronous completions (bound once: no closure per batch). */
+  private readonly flushLater = () => {
+    this.flushQueued = false;
+    this.flush();
+  };
   private idleWaiters: (() => void)[] = [];
   private processing = false;
 
@@ -392,10 +397,7 @@ export class Vring implements RingCtl {
     this.complete(slot);
     if (!this.flushQueued) {
       this.flushQueued = true;
-      queueMicrotask(() => {
-        this.flushQueued = false;
-        this.flush();
-      });
+      queueMicrotask(this.flushLater);
     }
   }
 
