@@ -673,12 +673,12 @@ describe("openFileBacking()", () => {
       expect(() => openFileBacking(path, { readonly: false })).toThrow(/EACCES/);
       return;
     }
-    // Root may write any file: check as user nobody, in a child process.
-    chmodSync(tmp, 0o755);
+    // Root may write any file: check in a child process without CAP_DAC_OVERRIDE (still root, so it reads the
+    // repository wherever it was cloned, even under a 0700 directory, but file modes now apply to it).
     const script = `import { openFileBacking } from ${JSON.stringify(join(import.meta.dir, "../../src/devices/blk_backing.ts"))};
       const b = openFileBacking(${JSON.stringify(path)}); console.log("readonly=" + b.readonly); b.close();
       try { openFileBacking(${JSON.stringify(path)}, { readonly: false }); console.log("opened rw"); } catch (e) { console.log(String(e)); }`;
-    const r = Bun.spawnSync(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", process.execPath, "-e", script], { cwd: tmp });
+    const r = Bun.spawnSync(["setpriv", "--bounding-set=-dac_override,-dac_read_search", process.execPath, "-e", script], { cwd: tmp });
     const out = r.stdout.toString();
     expect(out + r.stderr.toString()).toContain("readonly=true");
     expect(out).toMatch(/EACCES/);
