@@ -79,7 +79,21 @@ export interface Device {
    * requests from fd events (io_uring's eventfd) watches them here; without
    * attach() it must complete synchronously.
    */
-  attach?(loop: EventLoop): void;
+  attach?(loop: EventLoop, queues?: Queues): void;
+  /**
+   * Receive queues: queues whose buffers wait until the device has something
+   * to put in them (input events, network RX, console input). The framework
+   * does not pop these or call handle() for them; it calls available() when
+   * the driver adds buffers, and the device takes one with
+   * `queues.take(queue)` (the Queues given to attach()) when it has data, so
+   * nothing is held while the ring stops, moves or reloads.
+   * @example
+   * receiveQueues: [0],
+   * available(q) { while (this.backlog.length && (req = this.queues.take(q))) fill(req), req.complete(); }
+   */
+  readonly receiveQueues?: readonly number[];
+  /** The driver made buffers available on a receive queue (kick, start, resume, enable). */
+  available?(queue: number): void;
   /**
    * Busy polling (server.ts --poll-us): completes what finished without
    * waiting for its fd event (e.g. reaps the io_uring CQ); returns whether it
@@ -110,5 +124,97 @@ export interface Device {
   loadState?(data: Uint8Array): void;
 }
 
+/**
+ * Access to this thread's rings for receive queues (Device.receiveQueues):
+ * `take(q)` pops the next chain the driver made available on queue `q` of
+ * this instance's thread, or returns null when there is none or the queue is
+ * not running here (not started, paused for a memory change, a move or a
+ * reload, or served by another thread). Complete a taken request with
+ * `req.complete()`, at once or later; published once per microtask turn.
+ */
+export interface Queues {
+  take(queue: number): Request | null;
+}
+
+/**
+ * A command-line option a device declares (`--NAME VALUE`, or `--NAME` for a
+ * boolean); the CLI builds usage, `--help` and errors from these.
+ * @example
+ * export const options = {
+ *   rate: { type: "number", default: 0, min: 0, help: "bytes per second, 0: unlimited" },
+ *   events: { type: "string", metavar: "PATH", help: "socket to read events from" },
+ * } satisfies DeviceOptions;
+ */
+export interface DeviceOption {
+  /** "size": bytes, or a number with K, M, G or T (powers of 1024). */
+  readonly type: "string" | "number" | "boolean" | "size";
+  readonly help: string;
+  readonly default?: string | number | boolean;
+  /** Allowed values of a string option. */
+  readonly choices?: readonly string[];
+  /** Bounds of a number or size option (inclusive). */
+  readonly min?: number;
+  readonly max?: number;
+  /** Placeholder in the usage ("PATH"); default from the type. */
+  readonly metavar?: string;
+}
+export type DeviceOptions = Readonly<Record<string, DeviceOption>>;
+/** Parsed option values by declared name; absent when not given and without a default. */
+export type OptionValues = Record<string, string | number | boolean | undefined>;
+
+/** Where a device instance runs: each thread serving queues builds its own instance. */
+export interface DeviceContext {
+  /** "main" (Bun's main thread) or the I/O thread's name ("io0", "io1", …). */
+  readonly thread: string;
+}
+
+/** A module's default export when it builds its device from options (called once per thread). */
+export type DeviceFactory<O = OptionValues> = (options: O, ctx: DeviceContext) => Device | Promise<Device>;
+
+/**
+ * What a device module (a file given to `bun run server.ts FILE`) exports;
+ * everything but `default` is optional.
+ * @example
+ * // mydev.ts
+ * export const options = { size: { type: "size", default: "4K", help: "buffer size" } } satisfies DeviceOptions;
+ * export default (o: OptionValues): Device => ({ name: "mydev", type: 42, ... });
+ */
+export interface DeviceModule {
+  /** The device itself, or a factory called with the options in every thread. */
+  default: Device | DeviceFactory<any>;
+  /** Options the device takes on the command line. */
+  options?: DeviceOptions;
+  /**
+   * Runs once on the main thread before any instance is built: turns the
+   * parsed option values into what every thread's factory receives. The
+   * result must be structured-cloneable (it is posted to the I/O threads); a
+   * SharedArrayBuffer in it is shared memory between all instances. Throw to
+   * refuse the options (the server exits 1 with the message).
+   */
+  prepare?(values: OptionValues, ctx: PrepareContext): unknown;
+  /** Common options this device prefers by default, e.g. `{ threads: 0 }` for a device fed by Bun I/O (sockets, timers), which needs the main loop. */
+  defaults?: { threads?: number };
+  /** One line for the start message, from the prepared options ("RAM disk of 256 MiB"). */
+  describe?(prepared: any): string;
+}
+
+/** What prepare() is told: the thread count and a logger for warnings. */
+export interface PrepareContext {
+  /** I/O threads that will build instances (0: only the main thread). */
+  readonly threads: number;
+  readonly log: { info(m: string): void; warn(m: string): void };
+}
+
+/**
+ * Thrown by prepare() when option values do not fit together: the server
+ * prints the message with the usage and exits 2 (other errors exit 1).
+ * @example if (v.image && v.size) throw new OptionError("give at most one of --image, --size");
+ */
+export class OptionError extends Error {
+  override name = "OptionError";
+}
+
 /** VIRTIO device ids (VIRTIO 1.2 §5). */
-export const VIRTIO_ID_NET = 1, VIRTIO_ID_BLOCK = 2, VIRTIO_ID_CONSOLE = 3, VIRTIO_ID_RNG = 4;
+export const VIRTIO_ID_NET = 1, VIRTIO_ID_BLOCK = 2, VIRTIO_ID_CONSOLE = 3, VIRTIO_ID_RNG = 4, VIRTIO_ID_SCSI = 8,
+  VIRTIO_ID_GPU = 16, VIRTIO_ID_INPUT = 18, VIRTIO_ID_VSOCK = 19, VIRTIO_ID_CRYPTO = 20, VIRTIO_ID_FS = 26,
+  VIRTIO_ID_SOUND = 25, VIRTIO_ID_I2C = 34, VIRTIO_ID_GPIO = 41;

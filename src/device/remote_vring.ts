@@ -26,6 +26,11 @@ export type RingCommand =
   | { op: "inflight"; index: number; area: InflightArea | null }
   | { op: "log"; index: number; area: LogArea | null }
   | { op: "refresh" }
+  /** Device commands: state to every instance (DEVICE_STATE load); a reload's new instance built, swapped in, or dropped. */
+  | { op: "loadState"; data: Uint8Array }
+  | { op: "reloadPrepare"; module: string; options: unknown; fresh: boolean }
+  | { op: "reloadSwap"; features: bigint | null }
+  | { op: "reloadDrop" }
   /** IOTLB on (with the back-end channel fd for misses; -1: none) or off; each thread keeps its own table. */
   | { op: "iotlb"; on: boolean; fd: number }
   /** One front-end IOTLB_MSG (UPDATE or INVALIDATE), applied to the thread's table (rings re-map with "map"). */

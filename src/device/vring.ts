@@ -254,16 +254,58 @@ export class Vring implements RingCtl {
     this.process();
   }
 
-  /** Pops and handles every available chain (the ring must be started, enabled and mapped). */
-  process(): void {
-    if (!this.started || !this.enabled || this.processing) return;
+  /** Set by quiesce() (memory changes, moves, reloads), cleared by resume(): no chain is taken meanwhile. */
+  private paused = false;
+
+  /** A receive queue (Device.receiveQueues): the device takes chains itself when it has data. */
+  private get receive(): boolean {
+    return this.host.device.receiveQueues?.includes(this.index) ?? false;
+  }
+
+  /**
+   * Receive queues: pops the next available chain for the device, or null
+   * when there is none or the ring is not running (not started, disabled,
+   * paused, broken, waiting for a translation). With none left, driver
+   * notifications are re-enabled so the next buffer added kicks us.
+   */
+  take(): Request | null {
+    if (!this.started || !this.enabled || this.paused || !this.ensureMapped()) return null;
+    const q = this.q;
+    const slot = this.free.pop() ?? new Slot(this.index);
+    try {
+      let head = q.pop(slot.rp, slot.wp);
+      if (head < 0 && q.enableNotification()) head = q.pop(slot.rp, slot.wp);
+      if (head < 0) {
+        this.free.push(slot);
+        return null;
+      }
+      if (this.busy[head]) throw (q.broken = new VirtqError("HEAD_BUSY", this.index, head, "chain id already in flight"));
+      this.busy[head] = 1;
+      slot.head = head;
+      slot.ring = this;
+      slot.in.rewind();
+      slot.out.rewind();
+      this.inflight++;
+      this.host.inflightChanged(1);
+      return slot;
+    } catch (e) {
+      this.free.push(slot);
+      if (e instanceof VirtqError) this.fail(e);
+      else if (e instanceof IotlbMiss || e instanceof IotlbAccessError) this.iotlbFault(e, q.getBase());
+      else throw e;
+      return null;
+    }
+  }
+
+  /** True when the ring views are there to use (with the IOTLB, maps the rings once translatable). */
+  private ensureMapped(): boolean {
     // IOTLB: rings waiting for a translation (a miss, an invalidation) are mapped before any access.
     if (!this.q.ready && this.addr !== null && this.host.mem.iotlb !== null && this.q.broken === null) {
       try {
         this.mapRings();
       } catch (e) {
         // An entry pointing outside the memory table (checked at UPDATE; a later REM_MEM_REG may leave it dangling).
-        if (e instanceof GuestMemoryError) return this.fail(new VirtqError("RING_ADDR", this.index, 0, e.message));
+        if (e instanceof GuestMemoryError) return this.fail(new VirtqError("RING_ADDR", this.index, 0, e.message)), false;
         throw e;
       }
       if (this.inflightAtMap && this.q.ready) {
@@ -271,13 +313,29 @@ export class Vring implements RingCtl {
         try {
           this.startInflight();
         } catch (e) {
-          if (e instanceof VirtqError) return this.fail(e);
+          if (e instanceof VirtqError) return this.fail(e), false;
           throw e;
         }
       }
     }
+    return this.q.ready && this.q.broken === null;
+  }
+
+  /** Pops and handles every available chain (the ring must be started, enabled and mapped). */
+  process(): void {
+    if (!this.started || !this.enabled || this.processing || this.paused) return;
+    if (this.receive) {
+      // The device takes the chains when it has data; tell it buffers may be there.
+      if (!this.ensureMapped()) return;
+      try {
+        this.host.device.available?.(this.index);
+      } catch (e) {
+        this.host.log.error(`queue ${this.index}: device ${this.host.device.name} failed in available(): ${e instanceof Error ? e.stack : e}`);
+      }
+      return;
+    }
+    if (!this.ensureMapped()) return;
     const q = this.q;
-    if (!q.ready || q.broken) return;
     this.processing = true;
     let pushed = 0;
     try {
@@ -462,6 +520,7 @@ export class Vring implements RingCtl {
    */
   async stop(): Promise<number> {
     this.started = false;
+    this.paused = false;
     this.unwatchKick();
     await this.idle();
     this.flush();
@@ -477,6 +536,7 @@ export class Vring implements RingCtl {
 
   /** Pauses processing without changing the negotiated state (memory table changes). */
   async quiesce(): Promise<void> {
+    this.paused = true;
     this.unwatchKick();
     await this.idle();
     this.flush();
@@ -484,6 +544,7 @@ export class Vring implements RingCtl {
 
   /** Undo quiesce: re-watch the kick fd and process what arrived meanwhile. */
   resume(): void {
+    this.paused = false;
     if (this.started && this.kickFd >= 0 && this.watchId < 0) this.watchId = this.loop.watch(this.kickFd, () => this.onKick());
     this.process();
   }
@@ -522,5 +583,6 @@ export class Vring implements RingCtl {
     this.busy.fill(0);
     this.inflightArea = null;
     this.stoppedClean = false;
+    this.paused = false;
   }
 }

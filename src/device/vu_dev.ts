@@ -23,7 +23,7 @@ import { bit, ProtocolFeature, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, 
 import { BackendReq, HDR_SIZE, MAX_CONFIG_SIZE, Req, requestName, type Message } from "../protocol/messages.ts";
 import { encodeBackendMessage } from "../protocol/encode.ts";
 import { describeBackendMessage } from "../protocol/describe.ts";
-import type { Device } from "./api.ts";
+import type { Device, Request } from "./api.ts";
 import type { Logger } from "./log.ts";
 import type { EventLoop } from "./loop.ts";
 import { Vring, type VringHost } from "./vring.ts";
@@ -95,10 +95,16 @@ export class VuDev {
   inflight = 0;
   private featuresSet = false;
 
-  constructor(readonly device: Device, private readonly opts: VuDevOptions) {
+  /** The device serving this front-end (replaced by a hot reload, see swapDevice). */
+  device: Device;
+
+  constructor(device: Device, private readonly opts: VuDevOptions) {
+    this.device = device;
     this.log = opts.log;
+    const self = this;
     this.host = {
-      device, mem: this.mem, log: opts.log,
+      get device() { return self.device; },
+      mem: this.mem, log: opts.log,
       broken: (e: VirtqError) => this.setBroken(e),
       inflightChanged: (d: number) => { this.inflight += d; },
       iotlbReport: (type: number, iova: number, perm: number) => this.iotlbReport(type, iova, perm),
@@ -113,6 +119,12 @@ export class VuDev {
     const ch = thread >= 0 ? this.opts.threads?.[thread] : undefined;
     if (thread >= 0 && !ch) throw new RangeError(`queue ${i}: no I/O thread ${thread}`);
     return ch ? new RemoteVring(i, ch, this.mem, (e) => this.setBroken(e)) : new Vring(i, this.host, this.opts.loop);
+  }
+
+  /** Queues.take() of the main thread's device instance: rings served on the main loop only. */
+  takeLocal(i: number): Request | null {
+    const v = this.vrings[i];
+    return v instanceof Vring ? v.take() : null;
   }
 
   /** The I/O threads serving at least one ring. */
@@ -948,6 +960,7 @@ export class VuDev {
           const r = this.runningRings();
           if (r) throw new Error(`queue(s) ${r} started during the transfer`);
           d.loadState!(b);
+          this.loadedState = b;
         });
     } catch (e) {
       return refuse((e as Error).message);
@@ -968,8 +981,21 @@ export class VuDev {
     // bytes of a load may still be in the pipe, so wait for them, briefly.
     let timer: ReturnType<typeof setTimeout> | undefined;
     const late = new Promise<string>((r) => { timer = setTimeout(() => r("not finished: the front-end must close its end before CHECK_DEVICE_STATE"), CHECK_WAIT_MS); });
-    const err = await Promise.race([t.done, late]);
+    let err = await Promise.race([t.done, late]);
     clearTimeout(timer);
+    const loaded = this.loadedState;
+    this.loadedState = null;
+    if (err === null && loaded !== null) {
+      // Every I/O thread's instance takes the same state as the main thread's.
+      for (const ch of this.channels()) {
+        try {
+          await ch.request({ op: "loadState", data: loaded });
+        } catch (e) {
+          err = `an I/O thread's instance refused the state: ${(e as Error).message}`;
+          break;
+        }
+      }
+    }
     t.cancel(err ?? "");
     this.transfer = null;
     if (err !== null) {
@@ -978,6 +1004,34 @@ export class VuDev {
     }
     this.log.info(`device state ${this.transferDir}: ${t.bytes} bytes, checked`);
     return 0n;
+  }
+
+  /** The bytes a load gave the main thread's instance, for the I/O threads' instances (at CHECK_DEVICE_STATE). */
+  private loadedState: Uint8Array | null = null;
+
+  /**
+   * Hot reload: replaces the device with `next` (same VIRTIO id, queues and
+   * negotiated features; the caller checked) with every ring quiesced: no
+   * chain is taken, in-flight requests finish on the old instance, its state
+   * moves to the new one (saveState/loadState), `swapThreads` does the same
+   * in every I/O thread, and the rings resume from exactly where they were.
+   * Returns how long the rings were paused, in ms.
+   */
+  swapDevice(next: Device, swapThreads: () => Promise<void>): Promise<number> {
+    return this.serial(async () => {
+      const t0 = performance.now();
+      await this.quiesce();
+      try {
+        const state = this.device.saveState?.();
+        if (state !== undefined && next.loadState) next.loadState(state);
+        if (this.featuresSet) next.setFeatures?.(this.features);
+        await swapThreads();
+        this.device = next;
+      } finally {
+        await this.resume();
+      }
+      return performance.now() - t0;
+    });
   }
 
   private cancelTransfer(reason: string): void {

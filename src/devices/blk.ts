@@ -7,11 +7,13 @@
  * any writable byte the request does not define is zeroed before it, so the
  * used length is always the whole writable area.
  */
-import { ChainRangeError, PENDING, VIRTIO_ID_BLOCK } from "../device/api.ts";
-import type { ChainReader, ChainWriter, Device, EventLoop, Request } from "../device/api.ts";
+import { ChainRangeError, OptionError, PENDING, VIRTIO_ID_BLOCK } from "../device/api.ts";
+import type { ChainReader, ChainWriter, Device, DeviceOptions, EventLoop, OptionValues, PrepareContext, Request } from "../device/api.ts";
+import { resolve } from "node:path";
+import { uringUnavailable } from "../io/uring.ts";
 import type { Backing } from "./blk_backing.ts";
 
-import { openBacking, type BackingSpec } from "./blk_backing.ts";
+import { openBacking, resolveAioPath, shareBacking, type Aio, type BackingSpec } from "./blk_backing.ts";
 export { nullBacking, openFileBacking, ramBacking, openBacking, shareBacking } from "./blk_backing.ts";
 export type { Backing, BackingSpec } from "./blk_backing.ts";
 
@@ -325,4 +327,66 @@ export interface BlkSpec extends Omit<BlkOptions, "backing"> {
  */
 export function createDevice(spec: BlkSpec): Device {
   return createBlk({ ...spec, backing: openBacking(spec.backing) });
+}
+
+export default createDevice;
+
+/** Command-line options of `bun run server.ts blk` (the default device). */
+export const options = {
+  image: { type: "string", metavar: "FILE", help: "serve a raw image file or block device" },
+  size: { type: "size", help: "serve an in-memory disk of SIZE (default 256M)" },
+  null: { type: "size", metavar: "SIZE", help: "serve a null disk of SIZE (reads leave buffers, writes are dropped)" },
+  readonly: { type: "boolean", help: "refuse writes (VIRTIO_BLK_F_RO)" },
+  direct: { type: "boolean", help: "open --image with O_DIRECT" },
+  aio: {
+    type: "string", choices: ["auto", "uring", "sync"],
+    help: "how --image is read and written: io_uring (many requests in flight per queue without blocking the loop), synchronous syscalls, or auto (default): io_uring, but synchronous for a buffered image on tmpfs/ramfs (memory copies)",
+  },
+  queues: { type: "number", default: 1, min: 1, max: 256, help: "number of virtqueues" },
+  "queue-size": { type: "number", default: 1024, min: 2, max: 32768, help: "largest queue size accepted, a power of 2" },
+  serial: { type: "string", default: "bunvhost", metavar: "ID", help: "GET_ID string, at most 20 bytes" },
+} satisfies DeviceOptions;
+
+/** Options → the spec every thread's createDevice() gets (a RAM disk allocated once, shared). */
+export function prepare(v: OptionValues, ctx: PrepareContext): BlkSpec {
+  const image = v.image as string | undefined, size = v.size as number | undefined, nul = v.null as number | undefined;
+  if ([image, size, nul].filter((x) => x !== undefined).length > 1) throw new OptionError("give at most one of --image, --size, --null");
+  const queueSize = v["queue-size"] as number;
+  if (!Number.isInteger(queueSize) || (queueSize & (queueSize - 1)) !== 0) throw new OptionError("--queue-size must be a power of 2");
+  if (!Number.isInteger(v.queues)) throw new OptionError("--queues must be an integer");
+  const serial = v.serial as string;
+  if (new TextEncoder().encode(serial).length > 20) throw new OptionError("--serial must be at most 20 bytes");
+  if (v.direct && !image) throw new OptionError("--direct needs --image");
+  if (v.aio !== undefined && !image) throw new OptionError("--aio needs --image");
+  for (const [name, n] of [["size", size], ["null", nul]] as const) {
+    if (n !== undefined && (n <= 0 || n % 512 !== 0)) throw new OptionError(`--${name} must be a positive multiple of 512 bytes`);
+  }
+  let backing: BackingSpec;
+  if (image) {
+    const path = resolve(image);
+    let aio = (v.aio ?? "auto") as Aio;
+    if (aio === "auto") {
+      try {
+        aio = resolveAioPath(aio, path, v.direct === true);
+      } catch {
+        // Opening the image fails again in createDevice, with the error the user needs.
+      }
+    }
+    const noUring = aio === "uring" ? uringUnavailable() : null;
+    if (noUring !== null) {
+      ctx.log.warn(`io_uring unavailable (${noUring}); --image uses synchronous I/O`);
+      aio = "sync";
+    }
+    backing = { kind: "file", path, readonly: v.readonly === true || undefined, direct: v.direct === true, aio };
+  } else {
+    backing = nul !== undefined ? { kind: "null", size: nul } : { kind: "ram", size: size ?? 256 * 2 ** 20 };
+  }
+  return { backing: ctx.threads > 0 ? shareBacking(backing) : backing, readonly: v.readonly === true, queues: v.queues as number, queueSize, serial };
+}
+
+/** The start message's description of the disk. */
+export function describe(spec: BlkSpec): string {
+  const b = spec.backing;
+  const what = b.kind === "file" ? `image ${b.path}${b.aio === "uring" ? " on io_uring" : ""}` : b.kind === "null" ? `null disk of ${b.size} bytes` : `RAM disk of ${b.size} bytes`;
+  return `${what}${spec.readonly ? ", read-only" : ""}`;
 }

@@ -5,17 +5,20 @@
  *   stats            → ok {"connections":3,"queues":[{"index":0,"where":"io0","started":true}, ...]}
  *   move Q T         → ok queue Q on T      (T: an I/O thread index, or "main")
  *   resize           → ok changed | ok unchanged   (re-read the image size; the guest is told)
+ *   reload           → ok paused MS ms[, config changed]   (load the device file afresh and swap it in, as --watch does)
  *
  * It carries no fds, so Bun's own unix-socket server is enough here.
  */
 import { existsSync, unlinkSync } from "node:fs";
 import type { Logger } from "../device/log.ts";
 import type { VuServer } from "./vu_server.ts";
+import type { DeviceReloader } from "./reload.ts";
 
 export class ControlSocket {
   private listener: ReturnType<typeof Bun.listen> | null = null;
 
-  constructor(private readonly path: string, private readonly server: VuServer, private readonly log: Logger) {}
+  constructor(private readonly path: string, private readonly server: VuServer, private readonly log: Logger,
+    private readonly reloader: DeviceReloader | null = null) {}
 
   start(): void {
     if (existsSync(this.path)) unlinkSync(this.path);
@@ -52,8 +55,13 @@ export class ControlSocket {
         }
         case "resize":
           return `ok ${await this.server.refreshDevice()}`;
+        case "reload": {
+          if (!this.reloader) return "error the device is not a module file";
+          const r = await this.reloader.reload();
+          return `ok paused ${r.pausedMs.toFixed(2)} ms${r.configChanged ? `, config changed${r.told ? "" : " (driver not told)"}` : ""}`;
+        }
         default:
-          return `error unknown command "${cmd}" (stats, move, resize)`;
+          return `error unknown command "${cmd}" (stats, move, resize, reload)`;
       }
     } catch (e) {
       this.log.warn(`control: ${line}: ${(e as Error).message}`);

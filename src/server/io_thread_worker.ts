@@ -8,7 +8,8 @@
  */
 import { receiveMessageOnPort, workerData, type MessagePort } from "node:worker_threads";
 import * as sys from "../../ffi/sys.ts";
-import type { Device } from "../device/api.ts";
+import type { Device, Queues } from "../device/api.ts";
+import { importDeviceModule, instantiate } from "./device_module.ts";
 import { stderrLogger, type Level } from "../device/log.ts";
 import type { RingCommand } from "../device/remote_vring.ts";
 import { Vring, type VringHost } from "../device/vring.ts";
@@ -38,6 +39,10 @@ const mem = new GuestMemory(init.windowSize);
 const loop = new EpollLoop();
 const rings = new Map<number, Vring>();
 let device: Device;
+/** A reload's new instance, built and checked, waiting for reloadSwap. */
+let nextDevice: Device | null = null;
+/** Receive queues of this thread's instance: chains popped from the rings served here. */
+const queues: Queues = { take: (q) => (paused.has(q) ? null : rings.get(q)?.take() ?? null) };
 /**
  * Commands received and not yet answered; requests whose handler returned a
  * Promise and has not settled (they need turns of Bun's loop). Requests the
@@ -105,6 +110,30 @@ async function exec(c: RingCommand | { op: "exit" }): Promise<unknown> {
     case "inflight": return ring(c.index).setInflight(c.area), null;
     case "log": return ring(c.index).setLog(c.area), null;
     case "refresh": return device.refresh?.() ?? false;
+    case "loadState":
+      device.loadState?.(c.data);
+      return null;
+    case "reloadPrepare": {
+      const mod = await importDeviceModule(c.module, c.fresh);
+      nextDevice = await instantiate(c.module, mod, c.options, { thread: name });
+      return { type: nextDevice.type, queues: nextDevice.queues, features: nextDevice.features };
+    }
+    case "reloadSwap": {
+      // Every ring of this thread is quiesced: nothing of the old instance is in flight.
+      const old = device, next = nextDevice!;
+      nextDevice = null;
+      const state = old.saveState?.();
+      if (state !== undefined && next.loadState) next.loadState(state);
+      if (c.features !== null) next.setFeatures?.(c.features);
+      next.attach?.(loop, queues);
+      device = next;
+      old.close?.();
+      return null;
+    }
+    case "reloadDrop":
+      nextDevice?.close?.();
+      nextDevice = null;
+      return null;
     case "iotlb":
       iotlbFd = c.on ? c.fd : -1;
       if (c.on !== (mem.iotlb !== null)) mem.iotlb = c.on ? new Iotlb(mem) : null;
@@ -183,13 +212,14 @@ function onCtl(): void {
 }
 
 async function main(): Promise<void> {
-  const mod = await import(init.module);
-  device = mod.createDevice(init.options) as Device;
-  device.attach?.(loop);
+  const mod = await importDeviceModule(init.module);
+  device = await instantiate(init.module, mod, init.options, { thread: name });
+  device.attach?.(loop, queues);
   loop.pollUs = init.pollUs;
   if (init.pollUs > 0) {
     loop.pollers.push(pollRings);
-    if (device.poll) loop.pollers.push(() => device.poll!());
+    // Through `device`: a reload swaps the instance under the poller.
+    loop.pollers.push(() => device.poll?.() ?? false);
   }
   loop.watch(ctl, onCtl);
   port.postMessage({ event: "ready" });

@@ -16,7 +16,7 @@
  */
 import { existsSync, lstatSync, unlinkSync } from "node:fs";
 import * as sys from "../../ffi/sys.ts";
-import type { Device } from "../device/api.ts";
+import type { Device, Queues } from "../device/api.ts";
 import type { Logger } from "../device/log.ts";
 import type { EventLoop } from "../device/loop.ts";
 import { VuDev } from "../device/vu_dev.ts";
@@ -42,13 +42,20 @@ export class VuServer {
   private listenFd = -1;
   private listenWatch = -1;
   private conn: Connection | null = null;
-  private readonly loop: EventLoop & { close?(): void; ref?(on: boolean): void };
+  readonly loop: EventLoop & { close?(): void; ref?(on: boolean): void };
   private stopping: Promise<void> | null = null;
   /** Number of front-ends served so far. */
   connections = 0;
 
+  /** The device served (the main thread's instance); a hot reload replaces it. */
+  device: Device;
+  /** Receive queues of the main thread's instance: rings of the current front-end served on the main loop. */
+  readonly queues: Queues = { take: (q) => this.conn?.dev.takeLocal(q) ?? null };
+  private attached = false;
+
   constructor(readonly opts: ServerOptions) {
     this.loop = opts.loop ?? new MainLoop();
+    this.device = opts.device;
   }
 
   get log(): Logger {
@@ -65,6 +72,11 @@ export class VuServer {
    * replaces a stale socket file left by a dead one.
    */
   start(): void {
+    if (!this.attached) {
+      // The main thread's instance serves rings on this loop (--threads 0, --queue-map N:main, moves).
+      this.attached = true;
+      this.device.attach?.(this.loop, this.queues);
+    }
     const path = this.opts.socketPath;
     if (existsSync(path)) {
       if (!lstatSync(path).isSocket()) throw new Error(`${path} exists and is not a socket`);
@@ -122,7 +134,7 @@ export class VuServer {
     this.connections++;
     this.log.info(`front-end connected (connection ${this.connections})`);
     let conn: Connection;
-    const dev = new VuDev(this.opts.device, {
+    const dev = new VuDev(this.device, {
       log: this.log,
       loop: this.loop,
       onBroken: (e) => void conn.end(`device broken: ${e.message}`),
@@ -146,7 +158,7 @@ export class VuServer {
     const names = (t: number) => (t < 0 ? "main" : this.opts.threads?.[t]?.name ?? `thread ${t}`);
     const queues = dev
       ? dev.vrings.map((v) => ({ index: v.index, where: v.where, started: v.started }))
-      : Array.from({ length: this.opts.device.queues }, (_, i) => ({ index: i, where: names(this.opts.queueThread?.[i] ?? -1), started: false }));
+      : Array.from({ length: this.device.queues }, (_, i) => ({ index: i, where: names(this.opts.queueThread?.[i] ?? -1), started: false }));
     return { connections: this.connections, connected: dev !== null, queues };
   }
 
@@ -155,9 +167,9 @@ export class VuServer {
    * front-end (safely, under load) and the following ones. Returns where it runs now.
    */
   async moveQueue(q: number, thread: number): Promise<string> {
-    if (!Number.isInteger(q) || q < 0 || q >= this.opts.device.queues) throw new RangeError(`no queue ${q}`);
+    if (!Number.isInteger(q) || q < 0 || q >= this.device.queues) throw new RangeError(`no queue ${q}`);
     if (thread >= (this.opts.threads?.length ?? 0)) throw new RangeError(`no I/O thread ${thread}`);
-    const map = (this.opts.queueThread ??= Array.from({ length: this.opts.device.queues }, () => -1));
+    const map = (this.opts.queueThread ??= Array.from({ length: this.device.queues }, () => -1));
     map[q] = thread;
     const dev = this.current;
     if (dev) await dev.moveQueue(q, thread);
@@ -171,7 +183,7 @@ export class VuServer {
    * "changed, front-end not told" (no back-end channel).
    */
   async refreshDevice(): Promise<string> {
-    const changed = this.opts.device.refresh?.() ?? false;
+    const changed = this.device.refresh?.() ?? false;
     for (const t of this.opts.threads ?? []) await t.request({ op: "refresh" });
     if (!changed) return "unchanged";
     const dev = this.current;

@@ -150,12 +150,11 @@ describe.skipIf(why !== null)(`--aio uring${why ? ` [skipped: ${why}]` : ""}`, (
       const loop = new MainLoop();
       const backing = openFileBacking(img, { direct, aio: "uring" });
       const dev = createBlk({ backing });
-      dev.attach!(loop);
-      const ring = (backing as unknown as { ring: Uring | null }).ring;
-      expect(ring).not.toBeNull();
       const socket = join(dir, `inproc${direct ? "-direct" : ""}.sock`);
       const server = new VuServer({ socketPath: socket, device: dev, log: stderrLogger("warn"), loop });
-      server.start();
+      server.start(); // attaches the device to the loop: its io_uring engine is made there
+      const ring = (backing as unknown as { ring: Uring | null }).ring;
+      expect(ring).not.toBeNull();
       try {
         const r = await runDriver({ socket, writePct: 40 });
         expectClean(r);
