@@ -123,15 +123,7 @@ export async function main(): Promise<void> {
     const image = values.image;
     fail(deviceArg === "blk" && typeof image === "string" && !(e instanceof DeviceModuleError) ? `cannot open ${image}: ${m}` : m, 1);
   }
-  const dev = served.server.device;
-  const nThreads = served.threads.length;
-  const where = nThreads === 0 ? "main loop" : `${nThreads} I/O thread${nThreads > 1 ? "s" : ""}`;
-  const what = served.description ? `${served.description}, ` : "";
-  process.stdout.write(
-    `bunvhost: ${dev.name === "blk" ? "vhost-user-blk" : dev.name} (${what}VIRTIO id ${dev.type}, ${dev.queues} queue${dev.queues > 1 ? "s" : ""} on ${where}) ` +
-      `listening on ${served.server.opts.socketPath}${served.reloader && args.watch ? ", watching for changes" : ""} ` +
-      `(started in ${(performance.now() - t0).toFixed(0)} ms); attach with: ${served.qemuLine()}\n`,
-  );
+  // Handlers first: whoever reads the start line may signal us at once.
   let stopping = false;
   const stop = (sig: string) => {
     if (stopping) return;
@@ -144,6 +136,15 @@ export async function main(): Promise<void> {
   process.on("uncaughtException", (e) => log.error(`uncaught exception (a device callback?): ${e instanceof Error ? e.stack : e}`));
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGTERM", () => stop("SIGTERM"));
+  const dev = served.server.device;
+  const nThreads = served.threads.length;
+  const where = nThreads === 0 ? "main loop" : `${nThreads} I/O thread${nThreads > 1 ? "s" : ""}`;
+  const what = served.description ? `${served.description}, ` : "";
+  process.stdout.write(
+    `bunvhost: ${dev.name === "blk" ? "vhost-user-blk" : dev.name} (${what}VIRTIO id ${dev.type}, ${dev.queues} queue${dev.queues > 1 ? "s" : ""} on ${where}) ` +
+      `listening on ${served.server.opts.socketPath}${served.reloader && args.watch ? ", watching for changes" : ""} ` +
+      `(started in ${(performance.now() - t0).toFixed(0)} ms); attach with: ${served.qemuLine()}\n`,
+  );
 }
 
 /** "64M" → 67108864 (kept for scripts that size disks like the CLI does). */
