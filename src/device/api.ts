@@ -166,6 +166,16 @@ export type OptionValues = Record<string, string | number | boolean | undefined>
 export interface DeviceContext {
   /** "main" (Bun's main thread) or the I/O thread's name ("io0", "io1", …). */
   readonly thread: string;
+  /** The server's logger (lines "bunvhost: LEVEL: ..." on stderr; a thread's carry its name). */
+  readonly log: DeviceLog;
+}
+
+/** A leveled logger, as devices get it. */
+export interface DeviceLog {
+  debug(msg: string): void;
+  info(msg: string): void;
+  warn(msg: string): void;
+  error(msg: string): void;
 }
 
 /** A module's default export when it builds its device from options (called once per thread). */
@@ -202,7 +212,7 @@ export interface DeviceModule {
 export interface PrepareContext {
   /** I/O threads that will build instances (0: only the main thread). */
   readonly threads: number;
-  readonly log: { info(m: string): void; warn(m: string): void };
+  readonly log: DeviceLog;
 }
 
 /**

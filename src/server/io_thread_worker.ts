@@ -115,7 +115,7 @@ async function exec(c: RingCommand | { op: "exit" }): Promise<unknown> {
       return null;
     case "reloadPrepare": {
       const mod = await importDeviceModule(c.module, c.fresh);
-      nextDevice = await instantiate(c.module, mod, c.options, { thread: name });
+      nextDevice = await instantiate(c.module, mod, c.options, { thread: name, log });
       return { type: nextDevice.type, queues: nextDevice.queues, features: nextDevice.features };
     }
     case "reloadSwap": {
@@ -213,7 +213,7 @@ function onCtl(): void {
 
 async function main(): Promise<void> {
   const mod = await importDeviceModule(init.module);
-  device = await instantiate(init.module, mod, init.options, { thread: name });
+  device = await instantiate(init.module, mod, init.options, { thread: name, log });
   device.attach?.(loop, queues);
   loop.pollUs = init.pollUs;
   if (init.pollUs > 0) {

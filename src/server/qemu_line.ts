@@ -26,6 +26,12 @@ const DEDICATED: Record<number, (q: number) => string> = {
   41: () => "vhost-user-gpio-pci",
 };
 
+/**
+ * QEMU 7.2's vhost-user-input-pci and vhost-user-gpu-pci go through
+ * backends/vhost-user.c, which refuses to start without KVM's ioeventfds.
+ */
+const NEEDS_KVM = new Set([16, 18]);
+
 /** True when QEMU 7.2 has a front-end of its own for this VIRTIO id. */
 export function hasDedicatedFrontend(type: number): boolean {
   return type === 1 || type in DEDICATED;
@@ -55,6 +61,7 @@ export function qemuDeviceArgs(d: AttachInfo, socket: string, id = "vu0"): strin
 export function qemuAttachLine(d: AttachInfo, socket: string): string {
   const mem = "-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem";
   const args = qemuDeviceArgs(d, socket).join(" ");
-  const note = hasDedicatedFrontend(d.type) ? "" : " (QEMU 8.2 or later: QEMU 7.2 has no front-end for VIRTIO id " + d.type + ")";
+  const note = !hasDedicatedFrontend(d.type) ? ` (QEMU 8.2 or later: QEMU 7.2 has no front-end for VIRTIO id ${d.type})`
+    : NEEDS_KVM.has(d.type) ? " (with -accel kvm: QEMU 7.2 refuses this device under TCG)" : "";
   return `qemu-system-x86_64 ${mem} ${args}${note}`;
 }

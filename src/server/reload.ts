@@ -72,7 +72,7 @@ export class DeviceReloader {
   async reload(): Promise<ReloadResult> {
     const t0 = performance.now();
     const mod = await importDeviceModule(this.file, true);
-    const next = await instantiate(this.file, mod, this.options, { thread: "main" });
+    const next = await instantiate(this.file, mod, this.options, { thread: "main", log: this.log });
     const old = this.server.device;
     const dev = this.server.current;
     const why = reloadRefusal(old, next, dev?.negotiated ? dev.features : null);

@@ -90,7 +90,7 @@ export async function serve(device: string | Device, o: ServeOptions): Promise<S
   if (o.watch && !file) throw new OptionError("--watch needs a device file");
   const values = { ...defaultValues(mod?.options), ...o.options };
   const prepared = mod?.prepare ? await mod.prepare(values, { threads, log }) : values;
-  const main = mod ? await instantiate(file!, mod, prepared, { thread: "main" }) : (device as Device);
+  const main = mod ? await instantiate(file!, mod, prepared, { thread: "main", log }) : (device as Device);
   const queueThread = parseQueueMap(o.queueMap, main.queues, threads);
   const pool: IoThread[] = [];
   try {
