@@ -440,7 +440,13 @@ export class VhostUserFrontend {
     } finally {
       sys.closeQuiet(theirs);
     }
-    this.backendFd = ours;
+    this.adoptBackendChannel(ours);
+  }
+
+  /** Takes `fd` as our end of a back-end channel whose other end the caller sent (asynchronous drivers). */
+  adoptBackendChannel(fd: number): void {
+    this.closeBackendChannel();
+    this.backendFd = fd;
     this.backendBuf = new sys.MsgBuf(HDR_SIZE + MAX_PAYLOAD);
   }
 

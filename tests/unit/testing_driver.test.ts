@@ -1,0 +1,201 @@
+/**
+ * The test kit (bunvhost/testing) driving devices over real sockets, memfd
+ * guest RAM and eventfds: an echo device served in this process, a receive
+ * queue device (available/take), and a device file served by the CLI with
+ * I/O threads and hot reloaded through the control socket under load.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { join, resolve } from "node:path";
+import type { Device, Queues, Request } from "../../src/device/api.ts";
+import { DeviceDriver, FrontendError, startDevice } from "../../src/testing/index.ts";
+
+const fdCount = () => readdirSync("/proc/self/fd").length;
+
+/** Copies the readable bytes into the writable buffers; queue 1 answers with the queue index. Config: 4 bytes, writable. */
+function echo(): Device & { cfg: Uint8Array } {
+  const cfg = new Uint8Array([1, 2, 3, 4]);
+  return {
+    cfg, name: "echo", type: 42, queues: 2, queueSize: 256, features: 1n << 3n,
+    config: () => cfg,
+    setConfig(off, data) { cfg.set(data, off); },
+    handle(req: Request) {
+      if (req.queue === 1) return req.out.writeU8(1);
+      const b = new Uint8Array(Math.min(req.in.remaining, req.out.remaining));
+      req.in.copyTo(b);
+      req.out.copyFrom(b);
+    },
+  };
+}
+
+describe("DeviceDriver against a device object served in-process", () => {
+  beforeAll(async () => {
+    // The first server in a process starts threads that stay (the main loop's poller): count fds after.
+    const s = await startDevice(echo());
+    await (await DeviceDriver.connect(s.socket)).close();
+    await s.stop();
+  });
+
+  for (const packed of [false, true]) {
+    test(`round trips on 2 ${packed ? "packed" : "split"} queues, config read and written, the device's feature bit negotiated`, async () => {
+      const base = fdCount();
+      const dev = echo();
+      const s = await startDevice(dev);
+      const drv = await DeviceDriver.connect(s.socket, { packed, queueSize: packed ? 48 : 64 });
+      try {
+        expect(drv.queueCount).toBe(2);
+        expect(drv.features & (1n << 3n)).toBe(1n << 3n);
+        const msg = new TextEncoder().encode("hello, device");
+        const c = await drv.submit(0, { readable: msg, writable: [5, 100] });
+        expect(c.len).toBe(msg.length);
+        expect(new TextDecoder().decode(c.data)).toBe("hello, device");
+        expect((await drv.submit(1, { writable: 1 })).data).toEqual(new Uint8Array([1]));
+        // More chains than the ring holds, in batches: wraps and buffer recycling.
+        for (let round = 0; round < 10; round++) {
+          const cs = await drv.submitAll(0, Array.from({ length: 20 }, (_, i) => ({ readable: new Uint8Array([round, i]), writable: 2 })));
+          expect(cs.map((x) => x.data[1])).toEqual(Array.from({ length: 20 }, (_, i) => i));
+        }
+        expect(await drv.config(0, 4)).toEqual(new Uint8Array([1, 2, 3, 4]));
+        await drv.setConfig(2, new Uint8Array([9]));
+        expect(dev.cfg[2]).toBe(9);
+        expect(await drv.stop()).toHaveLength(2);
+      } finally {
+        drv.close();
+        await s.stop();
+      }
+      // Nothing left open (fds of an earlier server may still be closing: never more than before).
+      expect(fdCount()).toBeLessThanOrEqual(base);
+    });
+  }
+
+  test("a chain the device never uses times out with FrontendError TIMEOUT", async () => {
+    const never: Device = { ...echo(), handle: () => new Promise(() => {}) };
+    const s = await startDevice(never);
+    const drv = await DeviceDriver.connect(s.socket, { timeoutMs: 300 });
+    try {
+      const e = await drv.submit(0, { writable: 4 }).catch((x) => x);
+      expect(e).toBeInstanceOf(FrontendError);
+      expect((e as FrontendError).code).toBe("TIMEOUT");
+    } finally {
+      drv.close();
+      // The request stays in flight on the server: stop() waits for it, so do not await here.
+      void s.stop();
+    }
+  });
+});
+
+describe("receive queues: the device takes buffers when it has data", () => {
+  test("buffers wait until the device has something; a backlog fills them as they come; stop does not wait for data", async () => {
+    let queues!: Queues;
+    const backlog: number[] = [];
+    const flush = () => {
+      let req;
+      while (backlog.length > 0 && (req = queues.take(0))) {
+        req.out.writeU32(backlog.shift()!);
+        req.complete();
+      }
+    };
+    const dev: Device & { push(v: number): void } = {
+      name: "events", type: 18, queues: 2, queueSize: 64, features: 0n, config: () => new Uint8Array(0),
+      receiveQueues: [0],
+      attach(_l, q) { queues = q!; },
+      available: () => flush(),
+      handle() {},
+      push(v) { backlog.push(v); flush(); },
+    };
+    const s = await startDevice(dev);
+    const drv = await DeviceDriver.connect(s.socket);
+    try {
+      const first = drv.post(0, { writable: 4 });
+      const second = drv.post(0, { writable: 4 });
+      let settled = false;
+      void first.then(() => (settled = true));
+      // Nothing to say yet: the buffers stay with the driver's ring, not held by the device.
+      for (let i = 0; i < 20; i++) { drv.poll(); await Bun.sleep(2); }
+      expect(settled).toBe(false);
+      dev.push(7);
+      expect(new DataView((await drv.wait(first)).data.buffer).getUint32(0, true)).toBe(7);
+      // Three events, one buffer left: one delivered, two wait for buffers.
+      dev.push(8); dev.push(9); dev.push(10);
+      expect((await drv.wait(second)).data[0]).toBe(8);
+      const more = [drv.post(0, { writable: 4 }), drv.post(0, { writable: 4 })];
+      expect((await drv.wait(Promise.all(more))).map((c) => c.data[0])).toEqual([9, 10]);
+      drv.post(0, { writable: 4 });
+      // GET_VRING_BASE with a buffer available and no data: answers at once (nothing held).
+      const t0 = performance.now();
+      await drv.stop();
+      expect(performance.now() - t0).toBeLessThan(1000);
+    } finally {
+      drv.close();
+      await s.stop();
+    }
+  });
+});
+
+describe("a device file served by the CLI (I/O threads), reloaded under load", () => {
+  let dir = "";
+  const API = JSON.stringify(resolve(import.meta.dir, "../../src/device/api.ts"));
+  const source = (version: number, queues = 2) => `import type { Device } from ${API};
+let count = 0;
+export default (): Device => ({
+  name: "versioned", type: 42, queues: ${queues}, queueSize: 128, features: 0n,
+  config: () => new Uint8Array([${version}]),
+  handle(req) { count++; req.out.writeU8(${version}); req.out.writeU32(count); },
+  saveState: () => new Uint8Array(new Uint32Array([count]).buffer),
+  loadState(b) { count = new Uint32Array(b.slice(0, 4).buffer)[0]!; },
+});
+`;
+  beforeAll(() => { dir = mkdtempSync("/tmp/bunvhost-kit-"); });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  test("reloads through the control socket while 2 queues on 2 threads are busy: no request lost, counters carried over, config change announced, a bad version refused", async () => {
+    const file = join(dir, "versioned.ts");
+    writeFileSync(file, source(1));
+    const ctl = join(dir, "ctl.sock");
+    const s = await startDevice(file, { threads: 2, args: ["--control", ctl] });
+    const drv = await DeviceDriver.connect(s.socket, { packed: true });
+    const control = async (cmd: string) => {
+      const sock = await Bun.connect({ unix: ctl, socket: { data(_s, d) { got += d.toString(); } } });
+      let got = "";
+      sock.write(cmd + "\n");
+      while (!got.includes("\n")) await Bun.sleep(5);
+      sock.end();
+      return got.trim();
+    };
+    try {
+      const seen: number[][] = [[], []];
+      let reloads = 0;
+      const pauses: string[] = [];
+      for (let round = 0; round < 30; round++) {
+        const batch = [0, 1].flatMap((q) => Array.from({ length: 8 }, () => drv.post(q, { writable: 5 }).then((c) => [q, c] as const)));
+        if (round % 10 === 5) {
+          writeFileSync(file, source(round));
+          const r = await control("reload");
+          expect(r).toMatch(/^ok paused [\d.]+ ms, config changed$/);
+          pauses.push(r);
+          reloads++;
+        }
+        for (const [q, c] of await drv.wait(Promise.all(batch), 10_000)) {
+          expect(c.len).toBe(5);
+          seen[q]!.push(new DataView(c.data.buffer).getUint32(1, true));
+        }
+      }
+      // Each queue's thread counts its own requests: 1..240 without a gap across 3 reloads.
+      for (const s of seen) expect(s.sort((a, b) => a - b)).toEqual(Array.from({ length: 240 }, (_, i) => i + 1));
+      expect(reloads).toBe(3);
+      await drv.waitConfigChange(2000).catch(() => {});
+      expect(drv.configChanges).toBeGreaterThanOrEqual(1);
+      expect((await drv.config(0, 1))[0]).toBe(25);
+      // Another queue count: refused, the running code keeps serving.
+      writeFileSync(file, source(99, 3));
+      expect(await control("reload")).toContain("3 queues differ from the running device's 2");
+      expect((await drv.submit(0, { writable: 5 })).data[0]).toBe(25);
+      console.log(`testing_driver.test.ts: reloads under load: ${pauses.join("; ")}`);
+    } finally {
+      drv.close();
+      await s.stop();
+    }
+    expect(s.log()).toMatch(/front-end connected \(connection 1\)/);
+    expect(s.log()).not.toMatch(/connection 2|broken/);
+  });
+});
