@@ -36,6 +36,8 @@ export interface DriverOptions {
   features?: bigint;
   /** Guest RAM in MiB (default 16). */
   memMiB?: number;
+  /** More protocol feature bits to accept when offered (e.g. DEVICE_STATE, INFLIGHT_SHMFD), beyond MQ, REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS, BACKEND_REQ. */
+  protocolFeatures?: bigint;
   /** Hand the back-end a channel for its requests (default true when BACKEND_REQ is offered). */
   backendChannel?: boolean;
   /** Deadline of each reply and of each completion awaited (default 5000 ms). */
@@ -120,7 +122,7 @@ export class DeviceDriver {
     if (this.offered & bit(VHOST_USER_F_PROTOCOL_FEATURES)) {
       const pf = (await this.request({ request: Req.GET_PROTOCOL_FEATURES, flags: 0, fds: [] }, true))!.u64!;
       const want = [ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.CONFIGURE_MEM_SLOTS,
-        ...(o.backendChannel !== false ? [ProtocolFeature.BACKEND_REQ] : [])].reduce((m, b) => m | bit(b), 0n);
+        ...(o.backendChannel !== false ? [ProtocolFeature.BACKEND_REQ] : [])].reduce((m, b) => m | bit(b), o.protocolFeatures ?? 0n);
       this.protocolFeatures = pf & want;
       fe.setProtocolFeatures(this.protocolFeatures);
       if (this.protocolFeatures & bit(ProtocolFeature.REPLY_ACK)) fe.replyAck = true;
@@ -160,19 +162,34 @@ export class DeviceDriver {
         : new SplitDriver(this.ram, { size, index: q, eventIdx });
       this.vqs.push(vq);
       this.posted.push(new Map());
-      await this.request({ request: Req.SET_VRING_NUM, flags: 0, fds: [], state: { index: q, num: size } });
-      await this.request({ request: Req.SET_VRING_BASE, flags: 0, fds: [], state: { index: q, num: vq.vringBase } });
-      await this.request({
-        request: Req.SET_VRING_ADDR, flags: 0, fds: [],
-        addr: { index: q, flags: 0, desc: this.ram.uva(vq.descGpa), used: this.ram.uva(vq.usedGpa), avail: this.ram.uva(vq.availGpa), log: 0 },
-      });
-      await this.request({ request: Req.SET_VRING_CALL, flags: 0, fds: [vq.callFd], u64: BigInt(q) });
-      await this.request({ request: Req.SET_VRING_KICK, flags: 0, fds: [vq.kickFd], u64: BigInt(q) });
+      await this.startRing(q);
     }
     if (this.features & bit(VHOST_USER_F_PROTOCOL_FEATURES)) {
       for (let q = 0; q < queues; q++) await this.request({ request: Req.SET_VRING_ENABLE, flags: 0, fds: [], state: { index: q, num: 1 } });
     }
     this.buffersMark = this.ram.mark();
+  }
+
+  /** SET_VRING_NUM/BASE/ADDR/CALL/KICK for queue q, where our driver stands: the ring starts. */
+  private async startRing(q: number): Promise<void> {
+    const vq = this.vqs[q]!;
+    await this.request({ request: Req.SET_VRING_NUM, flags: 0, fds: [], state: { index: q, num: vq.size } });
+    await this.request({ request: Req.SET_VRING_BASE, flags: 0, fds: [], state: { index: q, num: vq.vringBase } });
+    await this.request({
+      request: Req.SET_VRING_ADDR, flags: 0, fds: [],
+      addr: { index: q, flags: 0, desc: this.ram.uva(vq.descGpa), used: this.ram.uva(vq.usedGpa), avail: this.ram.uva(vq.availGpa), log: 0 },
+    });
+    await this.request({ request: Req.SET_VRING_CALL, flags: 0, fds: [vq.callFd], u64: BigInt(q) });
+    await this.request({ request: Req.SET_VRING_KICK, flags: 0, fds: [vq.kickFd], u64: BigInt(q) });
+  }
+
+  /**
+   * Starts every ring again after stop() (as QEMU does at `cont`): from
+   * where the driver stands, which is where the device stopped once every
+   * chain was used and reaped.
+   */
+  async resume(): Promise<void> {
+    for (let q = 0; q < this.vqs.length; q++) await this.startRing(q);
   }
 
   /**

@@ -9,6 +9,11 @@ import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { Device, Queues, Request } from "../../src/device/api.ts";
 import { DeviceDriver, FrontendError, startDevice } from "../../src/testing/index.ts";
+import * as sys from "../../ffi/sys.ts";
+import { O_NONBLOCK, O_RDONLY, O_WRONLY } from "../../ffi/constants.ts";
+import { bit, ProtocolFeature } from "../../src/protocol/features.ts";
+import { DEVICE_STATE_LOAD, DEVICE_STATE_PHASE_STOPPED } from "../../src/protocol/messages.ts";
+import { unlinkSync } from "node:fs";
 
 const fdCount = () => readdirSync("/proc/self/fd").length;
 
@@ -197,5 +202,62 @@ export default (): Device => ({
     }
     expect(s.log()).toMatch(/front-end connected \(connection 1\)/);
     expect(s.log()).not.toMatch(/connection 2|broken/);
+  });
+
+  test("a state loaded by DEVICE_STATE reaches the instance of every I/O thread, not only the main thread's", async () => {
+    const file = join(dir, "stateful.ts");
+    writeFileSync(file, `import type { Device } from ${API};
+let state = 0;
+export default (): Device => ({
+  name: "stateful", type: 42, queues: 2, queueSize: 64, features: 0n, config: () => new Uint8Array(0),
+  handle(req) { req.out.writeU8(state); },
+  saveState: () => new Uint8Array([state]),
+  loadState(b) { if (b.length !== 1) throw new Error("state is 1 byte"); state = b[0]!; },
+});
+`);
+    const s = await startDevice(file, { threads: 2 });
+    const drv = await DeviceDriver.connect(s.socket, { protocolFeatures: bit(ProtocolFeature.DEVICE_STATE) });
+    const fifo = join(dir, "state.fifo");
+    try {
+      expect((await drv.submit(0, { writable: 1 })).data[0]).toBe(0);
+      await drv.stop();
+      Bun.spawnSync(["mkfifo", fifo]);
+      const r = sys.open(fifo, O_RDONLY | O_NONBLOCK), w = sys.open(fifo, O_WRONLY | O_NONBLOCK);
+      expect(drv.fe.setDeviceStateFd(DEVICE_STATE_LOAD, DEVICE_STATE_PHASE_STOPPED, r).status).toBe(0);
+      sys.closeQuiet(r);
+      sys.write(w, new Uint8Array([42]));
+      sys.closeQuiet(w);
+      expect(drv.fe.checkDeviceState()).toBe(0);
+      await drv.resume();
+      // Queue 0 is served by io0, queue 1 by io1: both instances took the state.
+      expect((await drv.submit(0, { writable: 1 })).data[0]).toBe(42);
+      expect((await drv.submit(1, { writable: 1 })).data[0]).toBe(42);
+    } finally {
+      drv.close();
+      await s.stop();
+    }
+    expect(s.log()).toMatch(/device state load: 1 bytes, checked/);
+  });
+
+  test("--watch: a device file that disappears keeps the running device serving", async () => {
+    const file = join(dir, "vanishing.ts");
+    writeFileSync(file, source(5));
+    const s = await startDevice(file, { args: ["--watch"] });
+    const drv = await DeviceDriver.connect(s.socket);
+    try {
+      expect((await drv.submit(0, { writable: 5 })).data[0]).toBe(5);
+      unlinkSync(file);
+      const deadline = Date.now() + 5000;
+      while (!/is gone: keeping the running device/.test(s.log()) && Date.now() < deadline) await Bun.sleep(20);
+      expect(s.log()).toContain(`--watch: ${file} is gone: keeping the running device`);
+      expect((await drv.submit(1, { writable: 5 })).data[0]).toBe(5);
+      // It comes back (an editor's rename): reloaded.
+      writeFileSync(file, source(6));
+      while (!/reloaded /.test(s.log()) && Date.now() < deadline + 5000) await Bun.sleep(20);
+      expect((await drv.submit(0, { writable: 5 })).data[0]).toBe(6);
+    } finally {
+      drv.close();
+      await s.stop();
+    }
   });
 });
