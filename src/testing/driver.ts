@@ -89,6 +89,8 @@ export class DeviceDriver {
   private closed = false;
   /** Guest RAM after the rings: buffers are allocated above it and all given back whenever none is in flight. */
   private buffersMark: number[] = [];
+  /** GET_VRING_BASE answers of the last stop(), for resume(). */
+  private stoppedBases: number[] = [];
   private inFlight = 0;
 
   private constructor(readonly fe: VhostUserFrontend, ram: GuestRam, timeoutMs: number) {
@@ -174,7 +176,8 @@ export class DeviceDriver {
   private async startRing(q: number): Promise<void> {
     const vq = this.vqs[q]!;
     await this.request({ request: Req.SET_VRING_NUM, flags: 0, fds: [], state: { index: q, num: vq.size } });
-    await this.request({ request: Req.SET_VRING_BASE, flags: 0, fds: [], state: { index: q, num: vq.vringBase } });
+    // After stop(): where the device stopped (chains still posted, e.g. on a receive queue, are taken again).
+    await this.request({ request: Req.SET_VRING_BASE, flags: 0, fds: [], state: { index: q, num: this.stoppedBases[q] ?? vq.vringBase } });
     await this.request({
       request: Req.SET_VRING_ADDR, flags: 0, fds: [],
       addr: { index: q, flags: 0, desc: this.ram.uva(vq.descGpa), used: this.ram.uva(vq.usedGpa), avail: this.ram.uva(vq.availGpa), log: 0 },
@@ -190,6 +193,23 @@ export class DeviceDriver {
    */
   async resume(): Promise<void> {
     for (let q = 0; q < this.vqs.length; q++) await this.startRing(q);
+    this.stoppedBases = [];
+  }
+
+  /**
+   * Keeps reaping for `ms` (e.g. to show that posted buffers stay unused);
+   * returns how many chains were used meanwhile.
+   * @example drv.post(0, { writable: 8 }); expect(await drv.pollFor(200)).toBe(0);
+   */
+  async pollFor(ms: number): Promise<number> {
+    const before = this.inFlight;
+    const deadline = performance.now() + ms;
+    while (performance.now() < deadline) {
+      this.poll();
+      await Bun.sleep(2);
+    }
+    this.poll();
+    return before - this.inFlight;
   }
 
   /**
@@ -341,6 +361,7 @@ export class DeviceDriver {
   async wait<T>(p: Promise<T>, timeoutMs = this.timeoutMs): Promise<T> {
     let finished = false;
     const s = p.then((v) => { finished = true; return v; });
+    s.catch(() => {}); // a chain rejected later (close) after a timeout here is not unhandled
     const deadline = performance.now() + timeoutMs;
     while (!finished) {
       this.poll();
@@ -383,6 +404,7 @@ export class DeviceDriver {
       bases.push(r!.state!.num);
     }
     this.poll();
+    this.stoppedBases = bases;
     return bases;
   }
 

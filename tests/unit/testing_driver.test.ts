@@ -125,11 +125,16 @@ describe("receive queues: the device takes buffers when it has data", () => {
       expect((await drv.wait(second)).data[0]).toBe(8);
       const more = [drv.post(0, { writable: 4 }), drv.post(0, { writable: 4 })];
       expect((await drv.wait(Promise.all(more))).map((c) => c.data[0])).toEqual([9, 10]);
-      drv.post(0, { writable: 4 });
-      // GET_VRING_BASE with a buffer available and no data: answers at once (nothing held).
+      const last = drv.post(0, { writable: 4 });
+      expect(await drv.pollFor(50)).toBe(0);
+      // GET_VRING_BASE with a buffer available and no data: answers at once (nothing held)...
       const t0 = performance.now();
       await drv.stop();
       expect(performance.now() - t0).toBeLessThan(1000);
+      // ... and the buffer is still the driver's: after a restart the device takes it when it has data.
+      await drv.resume();
+      dev.push(11);
+      expect((await drv.wait(last)).data[0]).toBe(11);
     } finally {
       drv.close();
       await s.stop();
