@@ -16,6 +16,7 @@ export const libc = dlopen(path, {
 
   socket: { args: ["i32", "i32", "i32"], returns: "i32" },
   socketpair: { args: ["i32", "i32", "i32", "ptr"], returns: "i32" },
+  pipe2: { args: ["ptr", "i32"], returns: "i32" },
   bind: { args: ["i32", "ptr", "u32"], returns: "i32" },
   listen: { args: ["i32", "i32"], returns: "i32" },
   accept4: { args: ["i32", "ptr", "ptr", "i32"], returns: "i32" },

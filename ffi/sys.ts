@@ -224,6 +224,13 @@ export function socketpair(nonblock = true): [number, number] {
   return [sv[0]!, sv[1]!];
 }
 
+/** pipe2(O_CLOEXEC | O_NONBLOCK): [read end, write end]. */
+export function pipe(): [number, number] {
+  const fds = new Int32Array(2);
+  check("pipe2", sym.pipe2(fds as any, C.O_CLOEXEC | C.O_NONBLOCK));
+  return [fds[0]!, fds[1]!];
+}
+
 export function bindUnix(fd: number, path: string): void {
   const sa = sockaddrUn(path);
   check("bind", sym.bind(fd, sa as any, SOCKADDR_UN_SIZE), path);
