@@ -11,6 +11,11 @@ import type { Device, OptionValues } from "../device/api.ts";
 import type { Level, Logger } from "../device/log.ts";
 import { serve, type Served } from "../server/serve.ts";
 
+/**
+ * How startDevice serves the device; every field is optional.
+ * @example
+ * await startDevice("examples/gpio.ts", { options: { lines: 4 }, threads: 2, args: ["--control", ctl], logLevel: "debug" });
+ */
 export interface StartOptions {
   /** The device's options by name (`{ kind: "mouse", size: "4M" }`); for a module path, passed as `--name value`. */
   options?: OptionValues;
@@ -24,7 +29,16 @@ export interface StartOptions {
   logLevel?: Level;
 }
 
+/**
+ * A device being served: its socket (for DeviceDriver.connect, or pass the
+ * whole object), its log, and stop().
+ * @example
+ * const dev = await startDevice(myDevice);
+ * try { ... } finally { await dev.stop(); }
+ * expect(dev.log()).not.toMatch(/error/);
+ */
 export interface RunningDevice {
+  /** The vhost-user socket path. */
   socket: string;
   /** What the server logged so far (in-process: the lines of its logger). */
   log(): string;
@@ -41,6 +55,11 @@ function scratch(): string {
 }
 
 /**
+ * Serves `device` on a fresh socket: a Device object in this process (on
+ * Bun's main loop, its log collected in memory), a module path or built-in
+ * name ("blk", "rng", "input") through the CLI in a child process (output to
+ * a file; ready once it says it listens; stop() sends SIGTERM, SIGKILL after
+ * 3 s, and always reaps it).
  * @example
  * const dev = await startDevice(myDevice);                       // in-process
  * const cli = await startDevice("./mydev.ts", { threads: 2 });   // child process

@@ -16,10 +16,7 @@ import { join } from "node:path";
 import create, { prepare } from "../../examples/console.ts";
 import type { DeviceLog, OptionValues } from "../../src/index.ts";
 import { DeviceDriver, startDevice, type Completion } from "../../src/testing/index.ts";
-import * as sys from "../../ffi/sys.ts";
-import { O_NONBLOCK, O_RDONLY, O_WRONLY } from "../../ffi/constants.ts";
 import { bit, ProtocolFeature } from "../../src/protocol/features.ts";
-import { DEVICE_STATE_LOAD, DEVICE_STATE_PHASE_STOPPED, DEVICE_STATE_SAVE, Req } from "../../src/protocol/messages.ts";
 
 const RECEIVEQ = 0, TRANSMITQ = 1;
 const F_SIZE = 1n << 0n, F_MULTIPORT = 1n << 1n, F_EMERG_WRITE = 1n << 2n;
@@ -201,55 +198,6 @@ describe("console served in-process (prepare + factory)", () => {
   });
 });
 
-/** A FIFO opened at both ends without blocking (EOF once the writer closes). */
-function pipe(): { r: number; w: number } {
-  const p = fresh("state.fifo");
-  expect(Bun.spawnSync(["mkfifo", p]).exitCode).toBe(0);
-  return { r: sys.open(p, O_RDONLY | O_NONBLOCK), w: sys.open(p, O_WRONLY | O_NONBLOCK) };
-}
-
-async function setStateFd(drv: DeviceDriver, direction: number, fd: number): Promise<number> {
-  const r = await drv.request({ request: Req.SET_DEVICE_STATE_FD, flags: 0, fds: [fd], deviceState: { direction, phase: DEVICE_STATE_PHASE_STOPPED } }, true);
-  for (const f of r!.fds) sys.closeQuiet(f);
-  return Number(r!.u64! & 0xffn);
-}
-
-const checkState = async (drv: DeviceDriver) => Number((await drv.request({ request: Req.CHECK_DEVICE_STATE, flags: 0, fds: [] }, true))!.u64!);
-
-async function save(drv: DeviceDriver): Promise<Uint8Array> {
-  const p = pipe();
-  try {
-    expect(await setStateFd(drv, DEVICE_STATE_SAVE, p.w)).toBe(0);
-  } finally {
-    sys.close(p.w);
-  }
-  const bytes: number[] = [];
-  const buf = new Uint8Array(4096);
-  try {
-    await until("the state's EOF", () => {
-      const got = sys.read(p.r, buf);
-      if (got) bytes.push(...buf.subarray(0, got));
-      return got === 0;
-    });
-  } finally {
-    sys.close(p.r);
-  }
-  expect(await checkState(drv)).toBe(0);
-  return new Uint8Array(bytes);
-}
-
-async function load(drv: DeviceDriver, state: Uint8Array): Promise<number> {
-  const p = pipe();
-  try {
-    expect(await setStateFd(drv, DEVICE_STATE_LOAD, p.r)).toBe(0);
-  } finally {
-    sys.close(p.r);
-  }
-  expect(sys.write(p.w, state)).toBe(state.length);
-  sys.close(p.w);
-  return checkState(drv);
-}
-
 describe("console through the CLI (server.ts examples/console.ts)", () => {
   test("--input and --listen from the command line, output on stdout, waiting input moved in from another server by DEVICE_STATE", async () => {
     const sock = fresh("cli.in");
@@ -273,7 +221,7 @@ describe("console through the CLI (server.ts examples/console.ts)", () => {
         let state: Uint8Array;
         try {
           await da.stop();
-          state = await save(da);
+          state = await da.saveState();
         } finally {
           da.close();
           await a.stop();
@@ -281,8 +229,8 @@ describe("console through the CLI (server.ts examples/console.ts)", () => {
         expect(dec.decode(state)).toBe("\x01from a\n");
         // ...and loaded here, where it replaces what was waiting; a state of another version is refused.
         await drv.stop();
-        expect(await load(drv, Uint8Array.of(2, 65))).toBe(1);
-        expect(await load(drv, state)).toBe(0);
+        expect(await drv.loadState(Uint8Array.of(2, 65))).toBe(1);
+        expect(await drv.loadState(state)).toBe(0);
         await drv.resume();
         expect(text(await drv.wait(drv.post(RECEIVEQ, { writable: 64 })))).toBe("from a\n");
       } finally {

@@ -10,14 +10,9 @@
  * kernel here has no CONFIG_GPIO_VIRTIO.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
-import { join } from "node:path";
 import create, { prepare } from "../../examples/gpio.ts";
 import { DeviceDriver, startDevice, type RunningDevice } from "../../src/testing/index.ts";
-import * as sys from "../../ffi/sys.ts";
-import { O_NONBLOCK, O_RDONLY, O_WRONLY } from "../../ffi/constants.ts";
 import { bit, ProtocolFeature } from "../../src/protocol/features.ts";
-import { DEVICE_STATE_LOAD, DEVICE_STATE_PHASE_STOPPED, DEVICE_STATE_SAVE, Req } from "../../src/protocol/messages.ts";
 
 const GET_NAMES = 1, GET_DIRECTION = 2, SET_DIRECTION = 3, GET_VALUE = 4, SET_VALUE = 5, SET_IRQ_TYPE = 6;
 const OK = 0, ERR = 1;
@@ -41,10 +36,6 @@ async function call(drv: DeviceDriver, type: number, gpio: number, value = 0): P
   expect(c.len).toBe(2);
   return [...c.data];
 }
-
-let dir = "";
-beforeAll(() => { dir = mkdtempSync("/tmp/bunvhost-gpio-test-"); });
-afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 describe("gpio served in-process (prepare + factory)", () => {
   for (const packed of [false, true]) {
@@ -159,67 +150,6 @@ describe("gpio served in-process (prepare + factory)", () => {
   });
 });
 
-/** A FIFO opened at both ends without blocking (EOF once the writer closes). */
-let fifos = 0;
-function pipe(): { r: number; w: number } {
-  const p = join(dir, `state${fifos++}.fifo`);
-  expect(Bun.spawnSync(["mkfifo", p]).exitCode).toBe(0);
-  return { r: sys.open(p, O_RDONLY | O_NONBLOCK), w: sys.open(p, O_WRONLY | O_NONBLOCK) };
-}
-
-/** SET_DEVICE_STATE_FD through the driver's asynchronous request (the server may be in this process). */
-async function setStateFd(drv: DeviceDriver, direction: number, fd: number): Promise<number> {
-  const r = await drv.request({ request: Req.SET_DEVICE_STATE_FD, flags: 0, fds: [fd], deviceState: { direction, phase: DEVICE_STATE_PHASE_STOPPED } }, true);
-  for (const f of r!.fds) sys.closeQuiet(f);
-  return Number(r!.u64! & 0xffn);
-}
-
-async function checkState(drv: DeviceDriver): Promise<number> {
-  return Number((await drv.request({ request: Req.CHECK_DEVICE_STATE, flags: 0, fds: [] }, true))!.u64!);
-}
-
-/** Saves the stopped device's state. */
-async function save(drv: DeviceDriver): Promise<Uint8Array> {
-  const p = pipe();
-  try {
-    expect(await setStateFd(drv, DEVICE_STATE_SAVE, p.w)).toBe(0);
-  } finally {
-    sys.close(p.w);
-  }
-  const chunks: number[] = [];
-  const buf = new Uint8Array(4096);
-  const deadline = performance.now() + 5000;
-  try {
-    for (;;) {
-      const n = sys.read(p.r, buf);
-      if (n === 0) break;
-      if (n === null) {
-        if (performance.now() > deadline) throw new Error("no EOF from the back-end");
-        await Bun.sleep(2);
-        continue;
-      }
-      chunks.push(...buf.subarray(0, n));
-    }
-  } finally {
-    sys.close(p.r);
-  }
-  expect(await checkState(drv)).toBe(0);
-  return new Uint8Array(chunks);
-}
-
-/** Loads `state` into the stopped device; returns CHECK_DEVICE_STATE (0: taken). */
-async function load(drv: DeviceDriver, state: Uint8Array): Promise<number> {
-  const p = pipe();
-  try {
-    expect(await setStateFd(drv, DEVICE_STATE_LOAD, p.r)).toBe(0);
-  } finally {
-    sys.close(p.r);
-  }
-  expect(sys.write(p.w, state)).toBe(state.length);
-  sys.close(p.w);
-  return checkState(drv);
-}
-
 describe("gpio through the CLI (server.ts examples/gpio.ts, one I/O thread)", () => {
   const DS = bit(ProtocolFeature.DEVICE_STATE);
   let cli: RunningDevice;
@@ -242,7 +172,7 @@ describe("gpio through the CLI (server.ts examples/gpio.ts, one I/O thread)", ()
       expect(await call(drv, SET_VALUE, 2, 1)).toEqual([OK, 0]); // latched, line still inactive
       await drv.stop();
       // Saved by the main thread's instance while io0 served the requestq: the lines are shared.
-      state = await save(drv);
+      state = await drv.saveState();
       expect([...state]).toEqual([1, 5, 0, OUT | 4, 0, 4, 0, IN]);
     } finally {
       drv.close();
@@ -253,7 +183,7 @@ describe("gpio through the CLI (server.ts examples/gpio.ts, one I/O thread)", ()
     const d2 = await DeviceDriver.connect(other.socket, { protocolFeatures: DS });
     try {
       await d2.stop();
-      expect(await load(d2, state)).toBe(0);
+      expect(await d2.loadState(state)).toBe(0);
       await d2.resume();
       expect(await call(d2, GET_DIRECTION, 0)).toEqual([OK, OUT]);
       expect(await call(d2, GET_VALUE, 0)).toEqual([OK, 1]);
@@ -272,13 +202,13 @@ describe("gpio through the CLI (server.ts examples/gpio.ts, one I/O thread)", ()
     const drv = await DeviceDriver.connect(cli.socket, { protocolFeatures: DS });
     try {
       await drv.stop();
-      expect(await load(drv, new Uint8Array([2, 5, 0, 0, 0, 0, 0, 0]))).toBe(1); // version 2
-      expect(await load(drv, new Uint8Array([1, 4, 0, 0, 0, 0, 0]))).toBe(1); // 4 lines, the device has 5
-      expect(await load(drv, new Uint8Array([1, 5, 0, 0, 0, 0]))).toBe(1); // truncated
-      expect(await load(drv, new Uint8Array([1, 5, 0, 3, 0, 0, 0, 0]))).toBe(1); // direction 3
-      expect(await load(drv, new Uint8Array([1, 5, 0, 0x80, 0, 0, 0, 0]))).toBe(1); // unknown bit
-      expect(await load(drv, new Uint8Array(0))).toBe(1);
-      expect(await load(drv, new Uint8Array([1, 5, 0, IN, IN, IN, IN, IN]))).toBe(0);
+      expect(await drv.loadState(new Uint8Array([2, 5, 0, 0, 0, 0, 0, 0]))).toBe(1); // version 2
+      expect(await drv.loadState(new Uint8Array([1, 4, 0, 0, 0, 0, 0]))).toBe(1); // 4 lines, the device has 5
+      expect(await drv.loadState(new Uint8Array([1, 5, 0, 0, 0, 0]))).toBe(1); // truncated
+      expect(await drv.loadState(new Uint8Array([1, 5, 0, 3, 0, 0, 0, 0]))).toBe(1); // direction 3
+      expect(await drv.loadState(new Uint8Array([1, 5, 0, 0x80, 0, 0, 0, 0]))).toBe(1); // unknown bit
+      expect(await drv.loadState(new Uint8Array(0))).toBe(1);
+      expect(await drv.loadState(new Uint8Array([1, 5, 0, IN, IN, IN, IN, IN]))).toBe(0);
       await drv.resume();
       expect(await call(drv, GET_DIRECTION, 3)).toEqual([OK, IN]);
       expect(await call(drv, GET_VALUE, 4)).toEqual([OK, 1]);
