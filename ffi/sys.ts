@@ -231,6 +231,19 @@ export function pipe(): [number, number] {
   return [fds[0]!, fds[1]!];
 }
 
+/** True when something accepts a connection on the unix socket `path` (the probe is closed at once). */
+export function unixAccepts(path: string): boolean {
+  const fd = socketUnix(true);
+  try {
+    connectUnix(fd, path);
+    return true;
+  } catch {
+    return false;
+  } finally {
+    closeQuiet(fd);
+  }
+}
+
 export function bindUnix(fd: number, path: string): void {
   const sa = sockaddrUn(path);
   check("bind", sym.bind(fd, sa as any, SOCKADDR_UN_SIZE), path);

@@ -19,17 +19,7 @@ const runs = Number(process.argv[process.argv.indexOf("--runs") + 1] ?? 0) || 9;
 const dir = mkdtempSync(join(existsSync("/dev/shm") ? "/dev/shm" : "/tmp", "bunvhost-bench-dev-"));
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
-function accepts(path: string): boolean {
-  const fd = sys.socketUnix(true);
-  try {
-    sys.connectUnix(fd, path);
-    return true;
-  } catch {
-    return false;
-  } finally {
-    sys.closeQuiet(fd);
-  }
-}
+const accepts = sys.unixAccepts;
 
 /** ms from spawn until `socket` accepts; the process is then stopped. */
 async function startup(argv: string[], socket: string): Promise<number> {

@@ -60,18 +60,7 @@ const readText = (p: string) => {
   }
 };
 
-/** True when something accepts a connection on `path` (the probe connection is closed at once). */
-function accepts(path: string): boolean {
-  const fd = sys.socketUnix(true);
-  try {
-    sys.connectUnix(fd, path);
-    return true;
-  } catch {
-    return false;
-  } finally {
-    sys.closeQuiet(fd);
-  }
-}
+const accepts = sys.unixAccepts;
 
 async function spawnBackend(
   name: string, argv: string[], dir: string, socket: string, cwd: string,

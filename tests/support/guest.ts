@@ -4,10 +4,10 @@
  * need: a device served by the CLI in a child process, and md5 of a file
  * range.
  */
-import { closeSync, existsSync, openSync, readFileSync, readSync, rmSync } from "node:fs";
+import { closeSync, openSync, readSync } from "node:fs";
 import { createHash } from "node:crypto";
-import { join, resolve } from "node:path";
-import { scratchDir } from "./backends.ts";
+import { dirname } from "node:path";
+import { startDevice } from "../../src/testing/start.ts";
 import { guestImageSkipReason } from "../../src/testing/guest_image.ts";
 import { qemuSkipReason } from "./qemu.ts";
 export {
@@ -47,48 +47,8 @@ export interface ServedDevice {
   stop(): Promise<void>;
 }
 
-/**
- * Starts the CLI with a built-in device name or module path and waits for
- * its "listening" line (10 s at most). Output goes to a file, never a pipe
- * (a server blocked on a full pipe would look like a hang).
- */
+/** Starts the CLI with a built-in device name or module path (the kit's startDevice) and waits for its "listening" line. */
 export async function serveDevice(device: string, args: string[] = []): Promise<ServedDevice> {
-  const root = resolve(import.meta.dir, "../..");
-  const dir = scratchDir("bunvhost-dev-");
-  const socket = join(dir, "vhost.sock");
-  const log = join(dir, "server.log");
-  const fd = openSync(log, "w");
-  const argv = [process.execPath, "run", join(root, "server.ts"), device, "--socket", socket, ...args];
-  let proc: ReturnType<typeof Bun.spawn>;
-  try {
-    proc = Bun.spawn(argv, { cwd: root, stdin: "ignore", stdout: fd, stderr: fd });
-  } finally {
-    closeSync(fd);
-  }
-  let last = "";
-  const output = () => (existsSync(log) ? (last = readFileSync(log, "utf8")) : last);
-  let stopped: Promise<void> | null = null;
-  const served: ServedDevice = {
-    socket, dir, output,
-    stop: () => (stopped ??= (async () => {
-      if (proc.exitCode === null && proc.signalCode === null) {
-        proc.kill("SIGTERM");
-        const t = setTimeout(() => proc.kill("SIGKILL"), 3000);
-        await proc.exited;
-        clearTimeout(t);
-      }
-      output();
-      rmSync(dir, { recursive: true, force: true });
-    })()),
-  };
-  const deadline = Date.now() + 10_000;
-  while (!/listening on/.test(output())) {
-    if (proc.exitCode !== null || proc.signalCode !== null || Date.now() > deadline) {
-      const why = proc.exitCode !== null || proc.signalCode !== null ? `exited (${proc.exitCode ?? proc.signalCode})` : "not listening after 10 s";
-      await served.stop();
-      throw new Error(`${argv.join(" ")}: ${why}\n${served.output()}`);
-    }
-    await Bun.sleep(10);
-  }
-  return served;
+  const r = await startDevice(device, { args });
+  return { socket: r.socket, dir: dirname(r.socket), output: r.log, stop: r.stop };
 }
