@@ -39,6 +39,11 @@ import { IOTLB_UPDATE, type IotlbMsg } from "../protocol/messages.ts";
 import { pipeLikeError, StateTransfer } from "./device_state.ts";
 import { backendRequestName, DEVICE_STATE_LOAD, DEVICE_STATE_PHASE_STOPPED, DEVICE_STATE_SAVE } from "../protocol/messages.ts";
 
+/** A device callback failed (the device's bug, not the front-end's): the connection ends, the server goes on. */
+export class DeviceError extends Error {
+  override name = "DeviceError";
+}
+
 /** A well-formed request that the device does not honour: REPLY_ACK status 1, connection kept. */
 export class Refused extends Error {
   override name = "Refused";
@@ -119,6 +124,22 @@ export class VuDev {
     const ch = thread >= 0 ? this.opts.threads?.[thread] : undefined;
     if (thread >= 0 && !ch) throw new RangeError(`queue ${i}: no I/O thread ${thread}`);
     return ch ? new RemoteVring(i, ch, this.mem, (e) => this.setBroken(e)) : new Vring(i, this.host, this.opts.loop);
+  }
+
+  /**
+   * Runs a device callback: a throw is the device's bug, reported as a
+   * DeviceError naming the device and the callback (the connection ends),
+   * or refused (REPLY_ACK status 1) when `refuse` says the request may fail.
+   */
+  private deviceCall<T>(what: string, f: () => T, refuse = false): T {
+    try {
+      return f();
+    } catch (e) {
+      const msg = `device ${this.device.name}: ${what}() threw: ${e instanceof Error ? e.message : e}`;
+      if (refuse) throw new Refused(msg);
+      this.log.error(`${msg}${e instanceof Error && e.stack ? `\n${e.stack}` : ""}`);
+      throw new DeviceError(msg, { cause: e });
+    }
   }
 
   /** Queues.take() of the main thread's device instance: rings served on the main loop only. */
@@ -230,7 +251,7 @@ export class VuDev {
           // Without PROTOCOL_FEATURES rings are enabled as soon as they start (spec: "Ring states").
           if ((f & bit(VHOST_USER_F_PROTOCOL_FEATURES)) === 0n) await v.setEnabled(true);
         }
-        this.device.setFeatures?.(f);
+        this.deviceCall("setFeatures", () => this.device.setFeatures?.(f));
         await this.applyLog();
         await this.applyIotlb();
         return null;
@@ -342,17 +363,18 @@ export class VuDev {
       case R.GET_CONFIG: {
         const c = m.config!;
         if (c.offset + c.size > MAX_CONFIG_SIZE) throw new ProtocolError("GET_CONFIG", "size", `offset ${c.offset} + size ${c.size} > ${MAX_CONFIG_SIZE}`);
-        const space = this.device.config();
+        const space = this.deviceCall("config", () => this.device.config());
         const data = new Uint8Array(c.size);
         if (c.offset < space.length) data.set(space.subarray(c.offset, Math.min(space.length, c.offset + c.size)));
         return reply({ config: { offset: c.offset, size: c.size, flags: c.flags, data } });
       }
       case R.SET_CONFIG: {
         const c = m.config!;
-        const space = this.device.config();
+        const space = this.deviceCall("config", () => this.device.config());
         if (!this.device.setConfig) throw new Refused(`device ${this.device.name} has no writable config`);
         if (c.offset + c.size > space.length) throw new Refused(`SET_CONFIG past the config space (${c.offset}+${c.size} > ${space.length})`);
-        this.device.setConfig(c.offset, c.data);
+        // The driver wrote something the device will not take: refused, the connection lives on.
+        this.deviceCall("setConfig", () => this.device.setConfig!(c.offset, c.data), true);
         return null;
       }
       case R.SET_LOG_BASE:
@@ -677,7 +699,7 @@ export class VuDev {
     this.featuresSet = false;
     this.broken = null;
     await this.applyIotlb();
-    this.device.reset?.();
+    this.deviceCall("reset", () => this.device.reset?.());
   }
 
   /** IOTLB counters since the connection started (traces, tests). */

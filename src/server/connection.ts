@@ -149,6 +149,8 @@ export class Connection {
     const what = e instanceof Error ? e.message : String(e);
     if (e instanceof Error && (e.name === "ProtocolError" || e.name === "GuestMemoryError" || e.name === "ErrnoError")) {
       this.log.error(`front-end error, ending the connection: ${what}`);
+    } else if (e instanceof Error && e.name === "DeviceError") {
+      this.log.error(`device error, ending the connection: ${what}`); // the stack was logged where it arose
     } else {
       this.log.error(`internal error, ending the connection: ${e instanceof Error ? e.stack : what}`);
     }

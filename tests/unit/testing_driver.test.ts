@@ -443,3 +443,37 @@ describe('startDevice("blk"): a built-in device through the CLI', () => {
     expect(s.log()).toMatch(/SIGTERM: stopping/);
   });
 });
+
+describe("a device whose callbacks throw never takes the server down", () => {
+  test("handle() throws: the request completes (used length 0), logged; setConfig() throws: NACK, connection kept; config() throws: that connection ends, the next front-end is served", async () => {
+    let failConfig = false;
+    const dev: Device = {
+      name: "faulty", type: 42, queues: 1, queueSize: 64, features: 0n,
+      config: () => { if (failConfig) throw new Error("config broke"); return new Uint8Array(4); },
+      setConfig() { throw new Error("read-only today"); },
+      handle(req) { if (req.in.remaining > 0) throw new Error("handle broke"); req.out.writeU8(1); },
+    };
+    const s = await startDevice(dev);
+    try {
+      const drv = await DeviceDriver.connect(s.socket);
+      expect((await drv.submit(0, { readable: new Uint8Array(1), writable: 1 })).len).toBe(0);
+      expect((await drv.submit(0, { writable: 1 })).len).toBe(1);
+      const nack = (await drv.setConfig(0, new Uint8Array([1])).catch((e) => e)) as FrontendError;
+      expect(nack.code).toBe("NACK");
+      expect((await drv.config(0, 4)).length).toBe(4);
+      failConfig = true;
+      expect(((await drv.config(0, 4).catch((e) => e)) as FrontendError).code).toMatch(/DISCONNECTED|TIMEOUT/);
+      drv.close();
+      failConfig = false;
+      const again = await DeviceDriver.connect(s.socket);
+      expect((await again.submit(0, { writable: 1 })).len).toBe(1);
+      again.close();
+      const log = s.log();
+      expect(log).toContain("device faulty failed on request");
+      expect(log).toContain("SET_CONFIG refused: device faulty: setConfig() threw: read-only today");
+      expect(log).toContain("device error, ending the connection: device faulty: config() threw: config broke");
+    } finally {
+      await s.stop();
+    }
+  });
+});
