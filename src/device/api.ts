@@ -62,7 +62,7 @@ export interface Device {
   config(): Uint8Array;
   /** SET_CONFIG: the framework has checked that `offset + data.length` lies within config(). */
   setConfig?(offset: number, data: Uint8Array): void;
-  /** Called with the negotiated features when the driver sets them (SET_FEATURES). */
+  /** Called with the negotiated features when the driver sets them (SET_FEATURES), in every thread's instance. */
   setFeatures?(features: bigint): void;
   /**
    * Handles one request. Returning (or resolving) completes it; returning

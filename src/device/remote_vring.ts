@@ -28,6 +28,7 @@ export type RingCommand =
   | { op: "refresh" }
   /** Device commands: state to every instance (DEVICE_STATE load); a reload's new instance built, swapped in, or dropped. */
   | { op: "loadState"; data: Uint8Array }
+  | { op: "features"; features: bigint }
   | { op: "reloadPrepare"; module: string; options: unknown; fresh: boolean }
   | { op: "reloadSwap"; features: bigint | null }
   | { op: "reloadDrop" }

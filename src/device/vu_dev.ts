@@ -252,6 +252,8 @@ export class VuDev {
           if ((f & bit(VHOST_USER_F_PROTOCOL_FEATURES)) === 0n) await v.setEnabled(true);
         }
         this.deviceCall("setFeatures", () => this.device.setFeatures?.(f));
+        // Every thread's instance learns them too (blk's write-through mode, a device's options).
+        if (this.device.setFeatures) for (const ch of this.channels()) await ch.request({ op: "features", features: f });
         await this.applyLog();
         await this.applyIotlb();
         return null;

@@ -110,6 +110,9 @@ async function exec(c: RingCommand | { op: "exit" }): Promise<unknown> {
     case "inflight": return ring(c.index).setInflight(c.area), null;
     case "log": return ring(c.index).setLog(c.area), null;
     case "refresh": return device.refresh?.() ?? false;
+    case "features":
+      device.setFeatures?.(c.features);
+      return null;
     case "loadState":
       device.loadState?.(c.data);
       return null;

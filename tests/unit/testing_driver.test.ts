@@ -385,6 +385,27 @@ export default (): Device => ({
     expect(s.log()).toMatch(/device state load: 1 bytes, checked/);
   });
 
+  test("setFeatures() reaches the instance of every I/O thread", async () => {
+    const file = join(dir, "features.ts");
+    writeFileSync(file, `import type { Device } from ${API};
+let negotiated = 0n;
+export default (): Device => ({
+  name: "features", type: 42, queues: 2, queueSize: 64, features: (1n << 3n) | (1n << 5n), config: () => new Uint8Array(0),
+  setFeatures(f) { negotiated = f; },
+  handle(req) { req.out.writeU8(Number(negotiated & 0xffn)); },
+});
+`);
+    const s = await startDevice(file, { threads: 2 });
+    const drv = await DeviceDriver.connect(s.socket, { features: 1n << 5n });
+    try {
+      // Queue 0 on io0, queue 1 on io1: both saw bit 5 accepted and bit 3 declined.
+      for (const q of [0, 1]) expect((await drv.submit(q, { writable: 1 })).data[0]).toBe(1 << 5);
+    } finally {
+      drv.close();
+      await s.stop();
+    }
+  });
+
   test("--watch: a device file that disappears keeps the running device serving", async () => {
     const file = join(dir, "vanishing.ts");
     writeFileSync(file, source(5));
