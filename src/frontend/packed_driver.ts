@@ -410,7 +410,7 @@ export class PackedDriver implements VirtqDriver {
       const at32 = this.desc32 + this.cPos * 4;
       const flags = w | PackedDriver.availBits(this.cWrap);
       if (this.cN === 1) this.cFirstFlags |= VIRTQ_DESC_F_NEXT;
-      else if (this.cN > 1) this.u16[this.cPrevAt] |= VIRTQ_DESC_F_NEXT;
+      else if (this.cN > 1) this.u16[this.cPrevAt]! |= VIRTQ_DESC_F_NEXT;
       // §2.8.6: the buffer id belongs in the last descriptor; every descriptor gets it (harmless).
       this.putDesc(at32, gpa, len, this.cId);
       if (this.cN === 0) {

@@ -368,7 +368,7 @@ export class SplitDriver implements VirtqDriver {
         throw new RangeError(`queue ${this.index}: more than ${this.indirectMax} buffers in an indirect chain`);
       }
       const t32 = this.ind32 + this.cHead * this.indirectMax * 4;
-      if (this.cN > 0) this.u16[(t32 + (this.cN - 1) * 4 + 3) << 1] |= VRING_DESC_F_NEXT;
+      if (this.cN > 0) this.u16[(t32 + (this.cN - 1) * 4 + 3) << 1]! |= VRING_DESC_F_NEXT;
       this.putDesc(t32 + this.cN * 4, gpa, len, flags, this.cN + 1);
     } else {
       if (this.cN >= this.numFree) {
@@ -376,7 +376,7 @@ export class SplitDriver implements VirtqDriver {
         throw new FrontendError("QUEUE_FULL", `queue ${this.index}`, `chain needs more than ${this.numFree} free descriptors`);
       }
       const i = this.cN === 0 ? this.cHead : this.nextFree[this.cPrev]!;
-      if (this.cPrev >= 0) this.u16[(this.desc32 + this.cPrev * 4 + 3) << 1] |= VRING_DESC_F_NEXT;
+      if (this.cPrev >= 0) this.u16[(this.desc32 + this.cPrev * 4 + 3) << 1]! |= VRING_DESC_F_NEXT;
       this.putDesc(this.desc32 + i * 4, gpa, len, flags, this.nextFree[i]!);
       this.cPrev = i;
     }

@@ -109,7 +109,7 @@ function encodePayload(m: Message, dv: DataView, o: number): number {
     const r = m.regions;
     dv.setUint32(o, r.length, true);
     dv.setUint32(o + 4, 0, true);
-    for (let i = 0; i < r.length; i++) putRegion(dv, o + Size.MEM_TABLE_HDR + Size.MEM_REGION * i, r[i]);
+    for (let i = 0; i < r.length; i++) putRegion(dv, o + Size.MEM_TABLE_HDR + Size.MEM_REGION * i, r[i]!);
     return Size.MEM_TABLE_HDR + Size.MEM_REGION * r.length;
   }
   if (m.region !== undefined) {
@@ -185,7 +185,7 @@ function encodePayload(m: Message, dv: DataView, o: number): number {
     if (s.sizes.length > MAX_SHMEM_REGIONS) throw new RangeError(`${s.sizes.length} shmem sizes, at most ${MAX_SHMEM_REGIONS}`);
     dv.setUint32(o, s.nregions, true);
     dv.setUint32(o + 4, 0, true);
-    for (let i = 0; i < MAX_SHMEM_REGIONS; i++) putNum(dv, o + 8 + 8 * i, i < s.sizes.length ? s.sizes[i] : 0);
+    for (let i = 0; i < MAX_SHMEM_REGIONS; i++) putNum(dv, o + 8 + 8 * i, i < s.sizes.length ? s.sizes[i]! : 0);
     return Size.SHMEM_CONFIG;
   }
   if (m.raw !== undefined) {

@@ -105,7 +105,7 @@ export type BackendReqId = (typeof BackendReq)[keyof typeof BackendReq];
 
 function nameTable(ids: Record<string, number>): readonly string[] {
   const names: string[] = [];
-  for (const k in ids) names[ids[k]] = k;
+  for (const k in ids) names[ids[k]!] = k;
   return names;
 }
 

@@ -172,13 +172,14 @@ describe.skipIf(skip !== null)(`the npm package, installed in a clean project${s
     });
   }, 60_000);
 
-  test('TypeScript: import ... from "bunvhost" and "bunvhost/testing" type-checks (and a wrong use does not); the file runs', () => {
+  test('TypeScript (strict, noUncheckedIndexedAccess): import ... from "bunvhost" and "bunvhost/testing" type-checks (and a wrong use does not); the file runs', () => {
     const i = timed("install typescript", () => sh(["npm", "install", "--save-dev", "typescript@7", "bun-types@1.4.5"], dir, 90_000));
     expect(i.code).toBe(0);
     writeFileSync(join(dir, "tsconfig.json"), JSON.stringify({
       compilerOptions: {
         target: "ESNext", module: "ESNext", moduleResolution: "bundler", lib: ["ESNext"], types: ["bun-types"],
-        strict: true, allowImportingTsExtensions: true, noEmit: true, skipLibCheck: true,
+        // The strictest common settings: the package ships its .ts sources, checked under the user's options.
+        strict: true, noUncheckedIndexedAccess: true, allowImportingTsExtensions: true, noEmit: true, skipLibCheck: true,
       },
       include: ["*.ts"],
     }, null, 2));
