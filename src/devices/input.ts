@@ -105,9 +105,9 @@ export function describe(o: InputOptions): string {
   return `${o.kind} "${o.name}"${o.events ? `, events from ${o.events}` : ", no event source"}`;
 }
 
-/** The server's logger, from the factory's context. */
-let logger: DeviceLog = { debug: console.error, info: console.error, warn: console.error, error: console.error };
-const log = (level: "info" | "warn", msg: string) => logger[level](`input: ${msg}`);
+type Log = (level: "info" | "warn", msg: string) => void;
+/** Without a context (a test building the device by hand): stderr, as the server's logger prints. */
+const STDERR: DeviceLog = { debug: console.error, info: console.error, warn: console.error, error: console.error };
 
 /** A bitmap with the given bits set (the shortest that holds them). */
 function bitmap(bits: readonly number[]): Uint8Array {
@@ -148,22 +148,24 @@ function parseReport(line: string): number[] | string {
 interface EventsSocket {
   owner: object;
   onLine(line: string): void;
+  log: Log;
   stop(): void;
 }
 type Client = { buf: string; dec: TextDecoder; skip: boolean };
 const SOCKETS = ((globalThis as Record<symbol, unknown>)[Symbol.for("bunvhost.input.events")] ??= new Map()) as Map<string, EventsSocket>;
 
-function listenEvents(path: string, owner: object, onLine: (line: string) => void): void {
+function listenEvents(path: string, owner: object, onLine: (line: string) => void, log: Log): void {
   const had = SOCKETS.get(path);
   if (had) {
     had.owner = owner;
     had.onLine = onLine;
+    had.log = log;
     return;
   }
   if (existsSync(path) && lstatSync(path).isSocket()) unlinkSync(path); // a dead server's
-  const entry: EventsSocket = { owner, onLine, stop() {} };
+  const entry: EventsSocket = { owner, onLine, log, stop() {} };
   const take = (line: string) => {
-    if (line.length > LINE_MAX) log("warn", `--events: a line longer than ${LINE_MAX} bytes skipped`);
+    if (line.length > LINE_MAX) entry.log("warn", `--events: a line longer than ${LINE_MAX} bytes skipped`);
     else entry.onLine(line);
   };
   const listener = Bun.listen<Client>({
@@ -183,7 +185,7 @@ function listenEvents(path: string, owner: object, onLine: (line: string) => voi
           else take(line);
         }
         if (c.buf.length > LINE_MAX) {
-          if (!c.skip) log("warn", `--events: a line longer than ${LINE_MAX} bytes skipped`);
+          if (!c.skip) entry.log("warn", `--events: a line longer than ${LINE_MAX} bytes skipped`);
           c.buf = "";
           c.skip = true;
         }
@@ -206,7 +208,8 @@ function closeEvents(path: string, owner: object): void {
 }
 
 export default function create(o: InputOptions, ctx?: DeviceContext): Device {
-  if (ctx) logger = ctx.log;
+  const logger = ctx?.log ?? STDERR;
+  const log: Log = (level, msg) => logger[level](`input: ${msg}`);
   const kind = KINDS[o.kind];
   if (!kind) throw new OptionError(`--kind ${o.kind}: one of ${Object.keys(KINDS).join(", ")}`);
 
@@ -302,7 +305,7 @@ export default function create(o: InputOptions, ctx?: DeviceContext): Device {
     available: () => deliver(),
     attach(_loop, q) {
       queues = q ?? null;
-      if (o.events) listenEvents(o.events, me, onLine);
+      if (o.events) listenEvents(o.events, me, onLine, log);
     },
     handle(req: Request) {
       if (req.queue !== STATUSQ) return;
