@@ -68,8 +68,7 @@ export async function main(): Promise<void> {
     if (e instanceof DeviceModuleError) fail(e.message, 1);
     throw e;
   }
-  const name = BUILTIN_DEVICES[deviceArg] ? deviceArg : deviceArg;
-  const usage = usageText(name, mod);
+  const usage = usageText(deviceArg, mod);
   const declared = mod.options ?? {};
   const deviceOpts: Record<string, { type: "string" | "boolean" }> = {};
   for (const [n, o] of Object.entries(declared)) deviceOpts[n] = { type: o.type === "boolean" ? "boolean" : "string" };

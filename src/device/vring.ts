@@ -271,30 +271,47 @@ export class Vring implements RingCtl {
   take(): Request | null {
     if (!this.started || !this.enabled || this.paused || !this.ensureMapped()) return null;
     const q = this.q;
-    const slot = this.free.pop() ?? new Slot(this.index);
     try {
-      let head = q.pop(slot.rp, slot.wp);
-      if (head < 0 && q.enableNotification()) head = q.pop(slot.rp, slot.wp);
-      if (head < 0) {
-        this.free.push(slot);
-        return null;
-      }
-      if (this.busy[head]) throw (q.broken = new VirtqError("HEAD_BUSY", this.index, head, "chain id already in flight"));
-      this.busy[head] = 1;
-      slot.head = head;
-      slot.ring = this;
-      slot.in.rewind();
-      slot.out.rewind();
-      this.inflight++;
-      this.host.inflightChanged(1);
+      const slot = this.popSlot() ?? (q.enableNotification() ? this.popSlot() : null);
+      if (slot !== null) slot.ring = this;
       return slot;
     } catch (e) {
-      this.free.push(slot);
       if (e instanceof VirtqError) this.fail(e);
       else if (e instanceof IotlbMiss || e instanceof IotlbAccessError) this.iotlbFault(e, q.getBase());
       else throw e;
       return null;
     }
+  }
+
+  /**
+   * Pops the next chain into a request slot counted in flight, or null when
+   * the ring has none; throws the walker's VirtqError (or an IOTLB miss) and
+   * HEAD_BUSY for a chain id already in flight.
+   */
+  private popSlot(): Slot | null {
+    const slot = this.free.pop() ?? new Slot(this.index);
+    let head: number;
+    try {
+      head = this.q.pop(slot.rp, slot.wp);
+    } catch (e) {
+      this.free.push(slot);
+      throw e;
+    }
+    if (head < 0) {
+      this.free.push(slot);
+      return null;
+    }
+    if (this.busy[head]) {
+      this.free.push(slot);
+      throw (this.q.broken = new VirtqError("HEAD_BUSY", this.index, head, "chain id already in flight"));
+    }
+    this.busy[head] = 1;
+    slot.head = head;
+    slot.in.rewind();
+    slot.out.rewind();
+    this.inflight++;
+    this.host.inflightChanged(1);
+    return slot;
   }
 
   /** True when the ring views are there to use (with the IOTLB, maps the rings once translatable). */
@@ -342,28 +359,8 @@ export class Vring implements RingCtl {
       for (;;) {
         q.disableNotification();
         for (;;) {
-          const slot = this.free.pop() ?? new Slot(this.index);
-          let head: number;
-          try {
-            head = q.pop(slot.rp, slot.wp);
-          } catch (e) {
-            this.free.push(slot);
-            throw e;
-          }
-          if (head < 0) {
-            this.free.push(slot);
-            break;
-          }
-          if (this.busy[head]) {
-            this.free.push(slot);
-            throw (q.broken = new VirtqError("HEAD_BUSY", this.index, head, "chain id already in flight"));
-          }
-          this.busy[head] = 1;
-          slot.head = head;
-          slot.in.rewind();
-          slot.out.rewind();
-          this.inflight++;
-          this.host.inflightChanged(1);
+          const slot = this.popSlot();
+          if (slot === null) break;
           if (this.handle(slot) && ++pushed === FLUSH_EVERY) {
             // Publish as we go, not only at the end of a long drain: the driver can then
             // reap and refill while we work (measured: 1 queue, QD128, null disk, 1.8x IOPS).
