@@ -159,7 +159,8 @@ export class Connection {
 
   /** Ends the connection: waits for in-flight requests, releases all state, closes the socket. */
   async end(reason: string): Promise<void> {
-    if (this.closed) return;
+    // Ending already (the front-end hung up just before a stop): wait for that teardown to finish.
+    if (this.closed) return this.done;
     this.closed = true;
     this.pause();
     this.log.info(`front-end disconnected: ${reason} (${this.messages} messages)`);
