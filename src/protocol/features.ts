@@ -36,6 +36,9 @@ export const VIRTIO_F_ADMIN_VQ = 41;
  */
 export const bit = (n: number): bigint => 1n << BigInt(n);
 
+/** Feature bits 24..41: transport and ring features (VIRTIO 1.2 §6); the others belong to the device type. */
+export const TRANSPORT_FEATURES = ((1n << 42n) - 1n) ^ ((1n << 24n) - 1n);
+
 /** vhost-user protocol feature bit numbers (VHOST_USER_PROTOCOL_F_*). */
 export const ProtocolFeature = {
   MQ: 0, LOG_SHMFD: 1, RARP: 2, REPLY_ACK: 3, NET_MTU: 4, BACKEND_REQ: 5, CROSS_ENDIAN: 6,

@@ -13,6 +13,7 @@ import { existsSync, realpathSync } from "node:fs";
 import { dirname, isAbsolute, resolve, sep } from "node:path";
 import { pathToFileURL } from "node:url";
 import { MAX_CONFIG_SIZE } from "../protocol/messages.ts";
+import { TRANSPORT_FEATURES } from "../protocol/features.ts";
 import type { Device, DeviceContext, DeviceModule, DeviceOption, DeviceOptions, OptionValues } from "../device/api.ts";
 
 /** The bunvhost package root (this file is src/server/device_module.ts). */
@@ -184,8 +185,6 @@ export async function instantiate(file: string, mod: DeviceModule, options: unkn
 }
 
 const pow2 = (n: number) => (n & (n - 1)) === 0;
-/** Feature bits 24..41: transport and ring features (VIRTIO 1.2 §6), the framework's. */
-const TRANSPORT_BITS = ((1n << 42n) - 1n) ^ ((1n << 24n) - 1n);
 
 /** Refuses a device of the wrong shape, naming the field. */
 export function checkDevice(file: string, d: unknown): asserts d is Device {
@@ -199,7 +198,7 @@ export function checkDevice(file: string, d: unknown): asserts d is Device {
   if (!int(dev.queues, 1, 256)) throw bad("queues", `${String(dev.queues)}: must be an integer in 1..256`);
   if (!int(dev.queueSize, 1, 32768) || !pow2(dev.queueSize as number)) throw bad("queueSize", `${String(dev.queueSize)}: must be a power of 2 in 1..32768`);
   if (typeof dev.features !== "bigint" || dev.features < 0n || dev.features >= 1n << 64n) throw bad("features", "must be a bigint of 64 bits (e.g. 0n)");
-  if ((dev.features & TRANSPORT_BITS) !== 0n) {
+  if ((dev.features & TRANSPORT_FEATURES) !== 0n) {
     throw bad("features", "bits 24..41 are transport and ring features: the framework offers them");
   }
   if (typeof dev.config !== "function") throw bad("config", "must be a function returning the config space as a Uint8Array");

@@ -18,12 +18,11 @@ import { watch, type FSWatcher } from "node:fs";
 import { basename, dirname } from "node:path";
 import type { Device } from "../device/api.ts";
 import type { Logger } from "../device/log.ts";
+import { TRANSPORT_FEATURES } from "../protocol/features.ts";
 import { DeviceModuleError, importDeviceModule, instantiate, moduleFiles } from "./device_module.ts";
 import type { IoThread } from "./io_thread.ts";
 import type { VuServer } from "./vu_server.ts";
 
-/** Feature bits 24..41 belong to the transport; the rest are the device's. */
-const DEVICE_BITS = ~(((1n << 42n) - 1n) ^ ((1n << 24n) - 1n)) & ((1n << 64n) - 1n);
 
 export interface ReloadResult {
   /** How long the rings were paused, ms (0 with no front-end connected). */
@@ -39,7 +38,7 @@ export function reloadRefusal(old: Device, next: Device, negotiated: bigint | nu
   if (next.type !== old.type) return `VIRTIO id ${next.type} differs from the running device's ${old.type}`;
   if (next.queues !== old.queues) return `${next.queues} queues differ from the running device's ${old.queues}`;
   if (negotiated !== null) {
-    const missing = negotiated & DEVICE_BITS & ~next.features;
+    const missing = negotiated & ~TRANSPORT_FEATURES & ~next.features;
     if (missing !== 0n) return `the driver negotiated feature bits 0x${missing.toString(16)} that the new code does not offer`;
   }
   return null;

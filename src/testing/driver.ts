@@ -17,7 +17,7 @@ import { PackedDriver } from "../frontend/packed_driver.ts";
 import { SplitDriver, type VirtqDriver } from "../frontend/split_driver.ts";
 import {
   bit, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-  VIRTIO_RING_F_INDIRECT_DESC,
+  VIRTIO_RING_F_INDIRECT_DESC, TRANSPORT_FEATURES,
 } from "../protocol/features.ts";
 import {
   BackendReq, DEVICE_STATE_LOAD, DEVICE_STATE_PHASE_STOPPED, DEVICE_STATE_SAVE, Req, requestName, type Message,
@@ -79,8 +79,6 @@ export interface Completion {
   data: Uint8Array;
 }
 
-/** Bits 24..41: transport features; the rest are the device's. */
-const TRANSPORT = ((1n << 42n) - 1n) ^ ((1n << 24n) - 1n);
 const PACKED_BASE = 0x80008000;
 
 interface Posted {
@@ -244,7 +242,7 @@ export class DeviceDriver {
       if (!(this.offered & bit(VIRTIO_F_RING_PACKED))) throw new FrontendError("NOT_OFFERED", "VIRTIO_F_RING_PACKED", `offered 0x${this.offered.toString(16)}`);
       want |= bit(VIRTIO_F_RING_PACKED);
     }
-    want |= o.features ?? (this.offered & ~TRANSPORT);
+    want |= o.features ?? (this.offered & ~TRANSPORT_FEATURES);
     this.features = this.offered & want;
     await this.request({ request: Req.SET_FEATURES, flags: 0, fds: [], u64: this.features });
     await this.request({ request: Req.SET_MEM_TABLE, flags: 0, fds: this.ram.fileOrder.map(() => this.ram.fd), regions: this.ram.memRegions() });
