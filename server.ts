@@ -70,21 +70,21 @@ export async function main(): Promise<void> {
   }
   const usage = usageText(deviceArg, mod);
   const declared = mod.options ?? {};
-  const deviceOpts: Record<string, { type: "string" | "boolean" }> = {};
-  for (const [n, o] of Object.entries(declared)) deviceOpts[n] = { type: o.type === "boolean" ? "boolean" : "string" };
-  let args: Record<string, string | boolean | undefined>;
+  const deviceOpts: Record<string, { type: "string" | "boolean"; multiple?: boolean }> = {};
+  for (const [n, o] of Object.entries(declared)) deviceOpts[n] = { type: o.type === "boolean" ? "boolean" : "string", multiple: o.multiple === true };
+  let args: Record<string, string | boolean | string[] | undefined>;
   try {
     args = parseArgs({
       args: rest,
       options: {
-        socket: { type: "string" }, threads: { type: "string" }, "queue-map": { type: "string" }, "poll-us": { type: "string" },
+        socket: { type: "string", multiple: true }, threads: { type: "string" }, "queue-map": { type: "string" }, "poll-us": { type: "string" },
         control: { type: "string" }, watch: { type: "boolean" }, trace: { type: "boolean" }, "log-level": { type: "string", default: "info" },
         help: { type: "boolean", short: "h" },
         ...deviceOpts,
       },
       strict: true,
       allowPositionals: false,
-    }).values as Record<string, string | boolean | undefined>;
+    }).values as Record<string, string | boolean | string[] | undefined>;
   } catch (e) {
     fail((e as Error).message, 2, usage);
   }
@@ -107,7 +107,8 @@ export async function main(): Promise<void> {
     }
   }
   const isBuiltin = BUILTIN_DEVICES[deviceArg] !== undefined;
-  const socket = (args.socket as string | undefined) ?? `./vhost-user-${isBuiltin ? deviceArg : "device"}.sock`;
+  const given = (args.socket as string[] | undefined) ?? [];
+  const socket = given.length > 1 ? given : given[0] ?? `./vhost-user-${isBuiltin ? deviceArg : "device"}.sock`;
   const log = stderrLogger(level);
   const t0 = performance.now();
   let served;
@@ -141,8 +142,8 @@ export async function main(): Promise<void> {
   const what = served.description ? `${served.description}, ` : "";
   process.stdout.write(
     `bunvhost: ${dev.name === "blk" ? "vhost-user-blk" : dev.name} (${what}VIRTIO id ${dev.type}, ${dev.queues} queue${dev.queues > 1 ? "s" : ""} on ${where}) ` +
-      `listening on ${served.server.opts.socketPath}${served.reloader && args.watch ? ", watching for changes" : ""} ` +
-      `(started in ${(performance.now() - t0).toFixed(0)} ms); attach with: ${served.qemuLine()}\n`,
+      `listening on ${served.servers.map((s) => s.opts.socketPath).join(", ")}${served.reloader && args.watch ? ", watching for changes" : ""} ` +
+      `(started in ${(performance.now() - t0).toFixed(0)} ms); attach with: ${served.qemuLines().join(" ; ")}\n`,
   );
 }
 

@@ -155,12 +155,14 @@ export interface DeviceOption {
   /** Bounds of a number or size option (inclusive). */
   readonly min?: number;
   readonly max?: number;
+  /** A string option that may be given several times: its value is a string[] (empty when absent). */
+  readonly multiple?: boolean;
   /** Placeholder in the usage ("PATH"); default from the type. */
   readonly metavar?: string;
 }
 export type DeviceOptions = Readonly<Record<string, DeviceOption>>;
 /** Parsed option values by declared name; absent when not given and without a default. */
-export type OptionValues = Record<string, string | number | boolean | undefined>;
+export type OptionValues = Record<string, string | number | boolean | string[] | undefined>;
 
 /** Where a device instance runs: each thread serving queues builds its own instance. */
 export interface DeviceContext {
@@ -168,6 +170,11 @@ export interface DeviceContext {
   readonly thread: string;
   /** The server's logger (lines "bunvhost: LEVEL: ..." on stderr; a thread's carry its name). */
   readonly log: DeviceLog;
+  /**
+   * Which socket this instance serves (0 unless the module is `multiPort`):
+   * the index of its `--socket` in the order given.
+   */
+  readonly port?: number;
 }
 
 /** A leveled logger, as devices get it. */
@@ -204,6 +211,14 @@ export interface DeviceModule {
   prepare?(values: OptionValues, ctx: PrepareContext): unknown;
   /** Common options this device prefers by default, e.g. `{ threads: 0 }` for a device fed by Bun I/O (sockets, timers), which needs the main loop. */
   defaults?: { threads?: number };
+  /**
+   * The device serves several sockets (`--socket` given more than once), one
+   * front-end each: every thread builds one instance per socket, told its
+   * index in `ctx.port`, and the instances of one thread share the module's
+   * state (what a switch between ports needs; put all queues on one thread
+   * to let every port see every other). Not reloadable.
+   */
+  multiPort?: boolean;
   /** One line for the start message, from the prepared options ("RAM disk of 256 MiB"). */
   describe?(prepared: any): string;
 }
@@ -212,6 +227,8 @@ export interface DeviceModule {
 export interface PrepareContext {
   /** I/O threads that will build instances (0: only the main thread). */
   readonly threads: number;
+  /** Sockets served (more than 1 only for a multiPort module). */
+  readonly ports?: number;
   readonly log: DeviceLog;
 }
 

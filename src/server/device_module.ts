@@ -153,6 +153,7 @@ export function checkModule(file: string, mod: Record<string, unknown>): DeviceM
       if (typeof o.help !== "string") throw new DeviceModuleError(file, `options.${name}.help`, "must be a string");
     }
   }
+  if (mod.multiPort !== undefined && typeof mod.multiPort !== "boolean") throw new DeviceModuleError(file, "multiPort", "must be a boolean");
   for (const f of ["prepare", "describe"] as const) {
     if (mod[f] !== undefined && typeof mod[f] !== "function") throw new DeviceModuleError(file, f, "must be a function");
   }
@@ -222,7 +223,12 @@ export function checkDevice(file: string, d: unknown): asserts d is Device {
 }
 
 /** Parsed command-line values of a device's declared options (defaults applied), or a message for the usage. */
-export function parseOptionValue(name: string, o: DeviceOption, raw: string | boolean): string | number | boolean {
+export function parseOptionValue(name: string, o: DeviceOption, raw: string | boolean | string[]): string | number | boolean | string[] {
+  if (Array.isArray(raw)) {
+    if (!o.multiple) throw new Error(`--${name} given more than once`);
+    return raw.map((r) => parseOptionValue(name, { ...o, multiple: false }, r) as string);
+  }
+  if (o.multiple && o.type === "string") return [parseOptionValue(name, { ...o, multiple: false }, raw) as string];
   if (o.type === "boolean") {
     if (typeof raw === "boolean") return raw;
     throw new Error(`--${name} takes no value`);
@@ -255,7 +261,7 @@ export function parseSizeValue(s: string, name = "size"): number {
 export function defaultValues(decl: DeviceOptions | undefined): OptionValues {
   const out: OptionValues = {};
   for (const [name, o] of Object.entries(decl ?? {})) {
-    if (o.default === undefined) out[name] = o.type === "boolean" ? false : undefined;
+    if (o.default === undefined) out[name] = o.type === "boolean" ? false : o.multiple ? [] : undefined;
     else out[name] = typeof o.default === "string" && o.type !== "string" ? parseOptionValue(name, o, o.default) : o.default;
   }
   return out;
@@ -266,7 +272,7 @@ export function optionUsage(decl: DeviceOptions | undefined): string {
   const lines: string[] = [];
   for (const [name, o] of Object.entries(decl ?? {})) {
     const meta = o.type === "boolean" ? "" : ` ${o.metavar ?? (o.choices ? o.choices.join("|") : o.type === "size" ? "SIZE" : o.type === "number" ? "N" : "VALUE")}`;
-    const head = `  --${name}${meta}`;
+    const head = `  --${name}${meta}${o.multiple ? " …" : ""}`;
     const def = o.default !== undefined && o.type !== "boolean" ? ` (default ${o.default})` : "";
     const help = wrap(`${o.help}${def}`, 100 - 23).join(`\n${" ".repeat(23)}`);
     lines.push(head.length < 23 ? `${head.padEnd(23)}${help}` : `${head}\n${" ".repeat(23)}${help}`);

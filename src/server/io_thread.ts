@@ -24,6 +24,8 @@ export interface IoThreadOptions {
   pollUs?: number;
   /** --trace: the thread logs the back-end messages it sends itself (IOTLB misses). */
   trace?: boolean;
+  /** Ports (sockets) whose queues this thread may serve, each with its own instance (default 1). */
+  ports?: number;
 }
 
 interface Pending { resolve(v: unknown): void; reject(e: unknown): void }
@@ -58,7 +60,7 @@ export class IoThread implements RingChannel {
       if (m.event === "ready") return readyRes();
       if (m.event === "failed") return readyRej(new Error(`${name}: ${m.message}`));
       if (m.event === "broken") {
-        this.brokenCbs.get(m.index)?.(new VirtqError(m.code, m.index, m.at, m.message));
+        this.brokenCbs.get((m.port ?? 0) * 0x10000 + m.index)?.(new VirtqError(m.code, m.index, m.at, m.message));
         return;
       }
       if (m.event === "exited") return;
@@ -72,7 +74,7 @@ export class IoThread implements RingChannel {
       workerData: {
         port: port2, ctl: this.ctl, name, module: spec.module, options: spec.options,
         windowSize: o.windowSize ?? DEFAULT_WINDOW_SIZE, logLevel: o.logLevel ?? "info", pollUs: o.pollUs ?? 0,
-        trace: o.trace ?? false,
+        trace: o.trace ?? false, ports: o.ports ?? 1,
       },
       transferList: [port2],
     } as any);
@@ -81,8 +83,9 @@ export class IoThread implements RingChannel {
     (this.port as any).unref?.();
   }
 
-  request(cmd: RingCommand | { op: "exit" }): Promise<any> {
+  request(cmd: RingCommand | { op: "exit" }, portIndex = 0): Promise<any> {
     if (this.closed) return Promise.reject(new Error(`${this.name}: closed`));
+    if (portIndex !== 0) cmd = { ...cmd, port: portIndex } as RingCommand & { port: number };
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
@@ -91,9 +94,19 @@ export class IoThread implements RingChannel {
     });
   }
 
-  onBroken(index: number, cb: ((e: VirtqError) => void) | null): void {
-    if (cb) this.brokenCbs.set(index, cb);
-    else this.brokenCbs.delete(index);
+  onBroken(index: number, cb: ((e: VirtqError) => void) | null, portIndex = 0): void {
+    const key = portIndex * 0x10000 + index;
+    if (cb) this.brokenCbs.set(key, cb);
+    else this.brokenCbs.delete(key);
+  }
+
+  /** The line to this thread for one port's rings and instance (a multi-port device's socket). */
+  forPort(portIndex: number): RingChannel {
+    return {
+      name: this.name,
+      request: (cmd) => this.request(cmd, portIndex),
+      onBroken: (index, cb) => this.onBroken(index, cb, portIndex),
+    };
   }
 
   /** Stops the thread after its rings are quiesced and reset. */

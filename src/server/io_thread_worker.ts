@@ -30,19 +30,14 @@ interface Init {
   pollUs: number;
   /** --trace: log the back-end messages this thread sends itself (IOTLB misses). */
   trace?: boolean;
+  /** Ports (sockets) served by this thread's instances (default 1); commands name theirs. */
+  ports?: number;
 }
 
 const init = workerData as Init;
 const { port, ctl, name } = init;
 const log = stderrLogger(init.logLevel, `bunvhost[${name}]`);
-const mem = new GuestMemory(init.windowSize);
 const loop = new EpollLoop();
-const rings = new Map<number, Vring>();
-let device: Device;
-/** A reload's new instance, built and checked, waiting for reloadSwap. */
-let nextDevice: Device | null = null;
-/** Receive queues of this thread's instance: chains popped from the rings served here. */
-const queues: Queues = { take: (q) => (paused.has(q) ? null : rings.get(q)?.take() ?? null) };
 /**
  * Commands received and not yet answered; requests whose handler returned a
  * Promise and has not settled (they need turns of Bun's loop). Requests the
@@ -54,38 +49,73 @@ let promises = 0;
 /** Chains taken from the rings (the ring poller compares it to see work). */
 let popped = 0;
 loop.busy = () => (commands > 0 ? 1 : promises > 0 ? 2 : 0);
-/** Rings not to poll: quiesced, stopped, detached or being released (a command of the main thread says so). */
-const paused = new Set<number>();
 
-const host: VringHost = {
-  get device() { return device; },
-  mem, log,
-  broken: (e: VirtqError) => port.postMessage({ event: "broken", index: e.queue, code: e.code, at: e.index, message: e.message }),
-  inflightChanged: (d: number) => { if (d > 0) popped += d; },
-  promisesChanged: (d: number) => { promises += d; },
-  iotlbReport: (type: number, iova: number, perm: number) => {
-    log.debug(`IOTLB ${type === 1 ? "miss" : "access failure"} iova=0x${iova.toString(16)} ${permName(perm)}`);
-    return sendIotlbReport(iotlbFd, type, iova, perm, init.trace ? (line) => log.info(line) : undefined);
-  },
-};
-/** The back-end channel, lent by the main thread while the IOTLB is on (taken back, acknowledged, before it is closed). */
-let iotlbFd = -1;
+/**
+ * One port: a socket of the server (a multi-port device such as the net
+ * switch has several), with its own device instance, guest memory and rings.
+ */
+class Port {
+  device!: Device;
+  /** A reload's new instance, built and checked, waiting for reloadSwap. */
+  nextDevice: Device | null = null;
+  readonly mem = new GuestMemory(init.windowSize);
+  readonly rings = new Map<number, Vring>();
+  /** Rings not to poll: quiesced, stopped, detached or being released (a command of the main thread says so). */
+  readonly paused = new Set<number>();
+  /** The back-end channel, lent by the main thread while the IOTLB is on (taken back, acknowledged, before it is closed). */
+  iotlbFd = -1;
+  /** Receive queues of this port's instance: chains popped from the rings served here. */
+  readonly queues: Queues = { take: (q) => (this.paused.has(q) ? null : this.rings.get(q)?.take() ?? null) };
+  readonly host: VringHost;
+
+  constructor(readonly index: number) {
+    const self = this;
+    this.host = {
+      get device() { return self.device; },
+      mem: this.mem, log,
+      broken: (e: VirtqError) => port.postMessage({ event: "broken", port: index, index: e.queue, code: e.code, at: e.index, message: e.message }),
+      inflightChanged: (d: number) => { if (d > 0) popped += d; },
+      promisesChanged: (d: number) => { promises += d; },
+      iotlbReport: (type: number, iova: number, perm: number) => {
+        log.debug(`IOTLB ${type === 1 ? "miss" : "access failure"} iova=0x${iova.toString(16)} ${permName(perm)}`);
+        return sendIotlbReport(this.iotlbFd, type, iova, perm, init.trace ? (line) => log.info(line) : undefined);
+      },
+    };
+  }
+
+  ring(index: number): Vring {
+    let v = this.rings.get(index);
+    if (!v) this.rings.set(index, (v = new Vring(index, this.host, loop, name)));
+    return v;
+  }
+}
+const ports: Port[] = Array.from({ length: Math.max(1, init.ports ?? 1) }, (_, i) => new Port(i));
 
 /** --poll-us: look at the avail rings of this thread's running queues (never while a command is in progress). */
 function pollRings(): boolean {
   if (commands > 0) return false;
   const before = popped;
-  for (const [i, v] of rings) if (!paused.has(i)) v.process();
+  for (const p of ports) for (const [i, v] of p.rings) if (!p.paused.has(i)) v.process();
   return popped !== before;
 }
 
-function ring(index: number): Vring {
-  let v = rings.get(index);
-  if (!v) rings.set(index, (v = new Vring(index, host, loop, name)));
-  return v;
-}
-
-async function exec(c: RingCommand | { op: "exit" }): Promise<unknown> {
+async function exec(c: (RingCommand | { op: "exit" }) & { port?: number }): Promise<unknown> {
+  if (c.op === "exit") {
+    for (const p of ports) {
+      for (const v of p.rings.values()) {
+        await v.quiesce();
+        v.reset();
+      }
+      p.rings.clear();
+      p.mem.clear();
+      p.device?.close?.();
+    }
+    loop.stop();
+    return null;
+  }
+  const p = ports[c.port ?? 0];
+  if (!p) throw new Error(`no port ${c.port} in this thread`);
+  const { rings, paused, mem } = p;
   if ("index" in c) {
     if (c.op === "quiesce" || c.op === "stop" || c.op === "detach" || c.op === "reset" || c.op === "release") paused.add(c.index);
     else if (c.op === "resume" || c.op === "kick") paused.delete(c.index);
@@ -96,49 +126,49 @@ async function exec(c: RingCommand | { op: "exit" }): Promise<unknown> {
       mem.borrow(c.regions);
       return null;
     case "map": {
-      const v = ring(c.index);
+      const v = p.ring(c.index);
       v.num = c.num;
       v.addr = c.addr;
       v.setEventIdx(c.eventIdx);
       v.mapRings();
       return null;
     }
-    case "base": return ring(c.index).setBase(c.base), null;
-    case "eventIdx": return ring(c.index).setEventIdx(c.on), null;
-    case "inOrder": return ring(c.index).setInOrder(c.on), null;
-    case "layout": return ring(c.index).setLayout(c.packed), null;
-    case "inflight": return ring(c.index).setInflight(c.area), null;
-    case "log": return ring(c.index).setLog(c.area), null;
-    case "refresh": return device.refresh?.() ?? false;
+    case "base": return p.ring(c.index).setBase(c.base), null;
+    case "eventIdx": return p.ring(c.index).setEventIdx(c.on), null;
+    case "inOrder": return p.ring(c.index).setInOrder(c.on), null;
+    case "layout": return p.ring(c.index).setLayout(c.packed), null;
+    case "inflight": return p.ring(c.index).setInflight(c.area), null;
+    case "log": return p.ring(c.index).setLog(c.area), null;
+    case "refresh": return p.device.refresh?.() ?? false;
     case "features":
-      device.setFeatures?.(c.features);
+      p.device.setFeatures?.(c.features);
       return null;
     case "loadState":
-      device.loadState?.(c.data);
+      p.device.loadState?.(c.data);
       return null;
     case "reloadPrepare": {
       const mod = await importDeviceModule(c.module, c.fresh);
-      nextDevice = await instantiate(c.module, mod, c.options, { thread: name, log });
-      return { type: nextDevice.type, queues: nextDevice.queues, features: nextDevice.features };
+      p.nextDevice = await instantiate(c.module, mod, c.options, { thread: name, log, port: p.index });
+      return { type: p.nextDevice.type, queues: p.nextDevice.queues, features: p.nextDevice.features };
     }
     case "reloadSwap": {
       // Every ring of this thread is quiesced: nothing of the old instance is in flight.
-      const old = device, next = nextDevice!;
-      nextDevice = null;
+      const old = p.device, next = p.nextDevice!;
+      p.nextDevice = null;
       const state = old.saveState?.();
       if (state !== undefined && next.loadState) next.loadState(state);
       if (c.features !== null) next.setFeatures?.(c.features);
-      next.attach?.(loop, queues);
-      device = next;
+      next.attach?.(loop, p.queues);
+      p.device = next;
       old.close?.();
       return null;
     }
     case "reloadDrop":
-      nextDevice?.close?.();
-      nextDevice = null;
+      p.nextDevice?.close?.();
+      p.nextDevice = null;
       return null;
     case "iotlb":
-      iotlbFd = c.on ? c.fd : -1;
+      p.iotlbFd = c.on ? c.fd : -1;
       if (c.on !== (mem.iotlb !== null)) mem.iotlb = c.on ? new Iotlb(mem) : null;
       return null;
     case "iotlbMsg": {
@@ -151,14 +181,14 @@ async function exec(c: RingCommand | { op: "exit" }): Promise<unknown> {
       for (const [i, v] of rings) if (!paused.has(i)) v.process();
       return null;
     }
-    case "kick": return ring(c.index).setKick(c.fd), null;
-    case "call": return ring(c.index).setCall(c.fd), null;
-    case "err": return ring(c.index).setErr(c.fd), null;
-    case "enable": return ring(c.index).setEnabled(c.on), null;
-    case "stop": return ring(c.index).stop();
-    case "quiesce": return ring(c.index).quiesce();
-    case "resume": return ring(c.index).resume(), null;
-    case "detach": return ring(c.index).detachRings(), null;
+    case "kick": return p.ring(c.index).setKick(c.fd), null;
+    case "call": return p.ring(c.index).setCall(c.fd), null;
+    case "err": return p.ring(c.index).setErr(c.fd), null;
+    case "enable": return p.ring(c.index).setEnabled(c.on), null;
+    case "stop": return p.ring(c.index).stop();
+    case "quiesce": return p.ring(c.index).quiesce();
+    case "resume": return p.ring(c.index).resume(), null;
+    case "detach": return p.ring(c.index).detachRings(), null;
     case "reset": {
       const v = rings.get(c.index);
       if (v) {
@@ -169,20 +199,10 @@ async function exec(c: RingCommand | { op: "exit" }): Promise<unknown> {
       return null;
     }
     case "release": {
-      const st = await ring(c.index).release();
+      const st = await p.ring(c.index).release();
       rings.delete(c.index);
       return st;
     }
-    case "exit":
-      for (const v of rings.values()) {
-        await v.quiesce();
-        v.reset();
-      }
-      rings.clear();
-      mem.clear();
-      device?.close?.();
-      loop.stop();
-      return null;
   }
 }
 
@@ -205,7 +225,7 @@ function onCtl(): void {
       continue;
     }
     announced--;
-    const { id, cmd } = m.message as { id: number; cmd: RingCommand | { op: "exit" } };
+    const { id, cmd } = m.message as { id: number; cmd: (RingCommand | { op: "exit" }) & { port?: number } };
     commands++;
     chain = chain.then(() => exec(cmd)).then(
       (value) => { commands--; port.postMessage({ id, ok: true, value }); },
@@ -216,13 +236,15 @@ function onCtl(): void {
 
 async function main(): Promise<void> {
   const mod = await importDeviceModule(init.module);
-  device = await instantiate(init.module, mod, init.options, { thread: name, log });
-  device.attach?.(loop, queues);
+  for (const p of ports) {
+    p.device = await instantiate(init.module, mod, init.options, { thread: name, log, port: p.index });
+    p.device.attach?.(loop, p.queues);
+  }
   loop.pollUs = init.pollUs;
   if (init.pollUs > 0) {
     loop.pollers.push(pollRings);
-    // Through `device`: a reload swaps the instance under the poller.
-    loop.pollers.push(() => device.poll?.() ?? false);
+    // Through `p.device`: a reload swaps the instance under the poller.
+    for (const p of ports) loop.pollers.push(() => p.device.poll?.() ?? false);
   }
   loop.watch(ctl, onCtl);
   port.postMessage({ event: "ready" });

@@ -15,8 +15,11 @@ import { DeviceReloader } from "./reload.ts";
 import { VuServer } from "./vu_server.ts";
 
 export interface ServeOptions {
-  /** Unix socket path to listen on. */
-  socket: string;
+  /**
+   * Unix socket path to listen on; several for a multi-port device (a module
+   * with `multiPort: true`, such as the net switch): one front-end each.
+   */
+  socket: string | string[];
   /** Option values of the device module (as its `options` declare them; defaults filled in). */
   options?: OptionValues;
   /** I/O threads (0: Bun's main loop); default: the module's `defaults.threads`, else 1 (a Device object: 0). */
@@ -36,7 +39,10 @@ export interface ServeOptions {
 }
 
 export interface Served {
+  /** The (first) socket's server. */
   server: VuServer;
+  /** One server per socket, in the order given. */
+  servers: VuServer[];
   /** The device module's file (null for a Device object). */
   file: string | null;
   /** The options every instance was built from (after the module's prepare()). */
@@ -46,8 +52,9 @@ export interface Served {
   control: ControlSocket | null;
   /** The device's own description for the start message (its module's describe()), or "". */
   description: string;
-  /** QEMU options that attach this device. */
+  /** QEMU options that attach this device (the first socket's; `qemuLines()` has one per socket). */
   qemuLine(): string;
+  qemuLines(): string[];
   /** Stops listening, completes in-flight requests, ends the threads, closes the device. */
   stop(): Promise<void>;
 }
@@ -88,46 +95,70 @@ export async function serve(device: string | Device, o: ServeOptions): Promise<S
   const threads = o.threads ?? (mod ? mod.defaults?.threads ?? 1 : 0);
   if (!mod && threads > 0) throw new OptionError("a Device object is served on the main loop: give a module path for I/O threads");
   if (o.watch && !file) throw new OptionError("--watch needs a device file");
+  const sockets = (Array.isArray(o.socket) ? o.socket : [o.socket]).map((p) => resolve(p));
+  if (sockets.length === 0) throw new OptionError("no socket to listen on");
+  if (new Set(sockets).size !== sockets.length) throw new OptionError("--socket: the same path given twice");
+  const multi = mod?.multiPort === true;
+  if (sockets.length > 1 && !multi) throw new OptionError(`${file ? "this device" : "a Device object"} serves one socket (a module with multiPort: true serves several)`);
+  if (multi && o.watch) throw new OptionError("--watch: a multi-port device cannot be reloaded yet (its ports share state)");
   const values = { ...defaultValues(mod?.options), ...o.options };
-  const prepared = mod?.prepare ? await mod.prepare(values, { threads, log }) : values;
-  const main = mod ? await instantiate(file!, mod, prepared, { thread: "main", log }) : (device as Device);
-  const queueThread = parseQueueMap(o.queueMap, main.queues, threads);
+  const prepared = mod?.prepare ? await mod.prepare(values, { threads, log, ports: sockets.length }) : values;
+  const mains: Device[] = [];
   const pool: IoThread[] = [];
+  const closeMains = () => { for (const d of mains) d.close?.(); };
+  try {
+    if (mod) for (let i = 0; i < sockets.length; i++) mains.push(await instantiate(file!, mod, prepared, { thread: "main", log, port: i }));
+    else mains.push(device as Device);
+  } catch (e) {
+    closeMains();
+    throw e;
+  }
+  const queueThread = parseQueueMap(o.queueMap, mains[0]!.queues, threads);
   try {
     for (let i = 0; i < threads; i++) {
-      pool.push(new IoThread(`io${i}`, { module: file!, options: prepared }, { logLevel: o.logLevel ?? "info", pollUs: o.pollUs ?? 0, trace: o.trace }));
+      pool.push(new IoThread(`io${i}`, { module: file!, options: prepared }, { logLevel: o.logLevel ?? "info", pollUs: o.pollUs ?? 0, trace: o.trace, ports: sockets.length }));
     }
     await Promise.all(pool.map((t) => t.ready));
   } catch (e) {
     for (const t of pool) await t.close().catch(() => {});
-    main.close?.();
+    closeMains();
     throw new DeviceModuleError(file ?? "device", "I/O thread", (e as Error).message);
   }
-  const socket = resolve(o.socket);
-  const server = new VuServer({ socketPath: socket, device: main, log, trace: o.trace, threads: pool, queueThread, loop: new MainLoop() });
+  const servers = sockets.map((socketPath, i) => new VuServer({
+    socketPath, device: mains[i]!, log, trace: o.trace, queueThread, loop: new MainLoop(),
+    // One socket: the server owns its threads; several share them (closed here, after every server).
+    threads: multi ? pool.map((t) => t.forPort(i)) : pool,
+  }));
+  const server = servers[0]!;
   let control: ControlSocket | null = null;
   let reloader: DeviceReloader | null = null;
+  const stopServers = async () => {
+    for (const s of servers) await s.stop();
+    for (const t of pool) await t.close();
+  };
   try {
-    server.start();
-    if (file) reloader = new DeviceReloader(server, file, prepared, pool, log);
+    for (const s of servers) s.start();
+    if (file && !multi) reloader = new DeviceReloader(server, file, prepared, pool, log);
     if (o.control) (control = new ControlSocket(resolve(o.control), server, log, reloader)).start();
     if (o.watch) await reloader!.watch();
   } catch (e) {
     reloader?.close();
-    await server.stop();
-    main.close?.();
+    await stopServers();
+    closeMains();
     throw e;
   }
+  const lineOf = (s: VuServer) => qemuAttachLine({ type: s.device.type, queues: s.device.queues, configSize: s.device.config().length }, s.opts.socketPath);
   let stopped: Promise<void> | null = null;
   return {
-    server, file, prepared, threads: pool, reloader, control,
+    server, servers, file, prepared, threads: pool, reloader, control,
     description: mod?.describe?.(prepared) ?? "",
-    qemuLine: () => qemuAttachLine({ type: server.device.type, queues: server.device.queues, configSize: server.device.config().length }, socket),
+    qemuLine: () => lineOf(server),
+    qemuLines: () => servers.map(lineOf),
     stop: () => (stopped ??= (async () => {
       reloader?.close();
       control?.stop();
-      await server.stop();
-      server.device.close?.();
+      await stopServers();
+      for (const s of servers) s.device.close?.();
     })()),
   };
 }

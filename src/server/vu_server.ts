@@ -23,7 +23,7 @@ import { VuDev } from "../device/vu_dev.ts";
 import { Connection } from "./connection.ts";
 import { MainLoop } from "./event_loop.ts";
 import { ErrnoError } from "../../ffi/errno.ts";
-import type { IoThread } from "./io_thread.ts";
+import type { RingChannel } from "../device/remote_vring.ts";
 
 export interface ServerOptions {
   socketPath: string;
@@ -34,7 +34,7 @@ export interface ServerOptions {
   /** Defaults to a new MainLoop (Bun's main thread). */
   loop?: EventLoop & { close?(): void; ref?(on: boolean): void };
   /** I/O threads (started, `ready` awaited by the caller) and the thread of each queue (-1: main loop). */
-  threads?: IoThread[];
+  threads?: (RingChannel & { close?(): Promise<void> })[];
   queueThread?: number[];
 }
 
@@ -210,7 +210,8 @@ export class VuServer {
         // already gone
       }
       if (this.conn) await this.conn.end("server stopping");
-      for (const t of this.opts.threads ?? []) await t.close();
+      // A multi-port device's sockets share their threads: serve() closes those.
+      for (const t of this.opts.threads ?? []) await t.close?.();
       this.loop.close?.();
     })());
   }
