@@ -67,3 +67,33 @@ export const POLLNVAL = 0x020;
 
 /** BLKGETSIZE64: size in bytes of a block device. */
 export const BLKGETSIZE64 = 0x80081272n;
+
+export const AF_INET = 2;
+export const SOCK_DGRAM = 2;
+
+/** linux/if.h: interface names are at most IFNAMSIZ - 1 bytes plus a NUL. */
+export const IFNAMSIZ = 16;
+export const IFF_UP = 0x1;
+/** struct ifreq (LP64): ifr_name[IFNAMSIZ], then a union (ifr_flags: short, ifr_mtu: int at offset 16). */
+export const IFREQ_SIZE = 40;
+export const IFREQ_UNION = 16;
+/** linux/sockios.h */
+export const SIOCGIFFLAGS = 0x8913;
+export const SIOCSIFFLAGS = 0x8914;
+export const SIOCGIFMTU = 0x8921;
+export const SIOCSIFMTU = 0x8922;
+
+/** linux/if_tun.h: TUNSETIFF = _IOW('T', 202, int), ... */
+export const TUNSETIFF = 0x400454ca;
+export const TUNSETOFFLOAD = 0x400454d0;
+export const TUNGETIFF = 0x800454d2;
+export const TUNSETVNETHDRSZ = 0x400454d8;
+export const IFF_TUN = 0x0001;
+export const IFF_TAP = 0x0002;
+export const IFF_NO_PI = 0x1000;
+export const IFF_VNET_HDR = 0x4000;
+export const TUN_F_CSUM = 0x01;
+export const TUN_F_TSO4 = 0x02;
+export const TUN_F_TSO6 = 0x04;
+export const TUN_F_TSO_ECN = 0x08;
+export const TUN_F_UFO = 0x10;

@@ -53,6 +53,9 @@ export const libc = dlopen(path, {
   epoll_ctl: { args: ["i32", "i32", "i32", "ptr"], returns: "i32" },
   epoll_wait: { args: ["i32", "ptr", "i32", "i32"], returns: "i32" },
   poll: { args: ["ptr", "u64", "i32"], returns: "i32" },
+
+  readv: { args: ["i32", "ptr", "i32"], returns: i64f },
+  writev: { args: ["i32", "ptr", "i32"], returns: i64f },
 });
 
 /**

@@ -413,3 +413,64 @@ export function poll1(fd: number, events: number, timeoutMs: number): number {
 }
 
 export { ptrOf };
+
+// ---- hot paths without closures or throws, and ioctl ----------------------------
+
+/** read(2) into a raw address: the byte count, or -errno (EINTR retried). For hot paths that sort errors themselves. */
+export function readRaw(fd: number, p: number, len: number): number {
+  for (;;) {
+    const r = sym.read(fd, p as any, len);
+    if (r >= 0) return r;
+    const e = errno();
+    if (e !== EINTR) return -e;
+  }
+}
+
+/** write(2) from a raw address: the byte count, or -errno (EINTR retried). */
+export function writeRaw(fd: number, p: number, len: number): number {
+  for (;;) {
+    const r = sym.write(fd, p as any, len);
+    if (r >= 0) return r;
+    const e = errno();
+    if (e !== EINTR) return -e;
+  }
+}
+
+/** readv(2) with an iovec table at `iov` (pinned memory) of `cnt` entries: bytes, or -errno (EINTR retried). */
+export function readvRaw(fd: number, iov: number, cnt: number): number {
+  for (;;) {
+    const r = sym.readv(fd, iov as any, cnt);
+    if (r >= 0) return r;
+    const e = errno();
+    if (e !== EINTR) return -e;
+  }
+}
+
+/** writev(2) with an iovec table at `iov` of `cnt` entries: bytes, or -errno (EINTR retried). */
+export function writevRaw(fd: number, iov: number, cnt: number): number {
+  for (;;) {
+    const r = sym.writev(fd, iov as any, cnt);
+    if (r >= 0) return r;
+    const e = errno();
+    if (e !== EINTR) return -e;
+  }
+}
+
+/**
+ * ioctl(2) whose argument is a buffer (the kernel reads and/or fills it) or an
+ * integer passed by value (e.g. TUNSETOFFLOAD); throws ErrnoError("ioctl", e, what).
+ * @example ioctl(fd, TUNSETVNETHDRSZ, new Int32Array([12]), "TUNSETVNETHDRSZ")
+ */
+export function ioctl(fd: number, req: number, arg: NodeJS.TypedArray | number, what: string): number {
+  for (;;) {
+    const r = sym.ioctl(fd, req, arg as any);
+    if (r >= 0) return r;
+    const e = errno();
+    if (e !== EINTR) throw new ErrnoError("ioctl", e, what);
+  }
+}
+
+/** socket(family, SOCK_DGRAM | SOCK_CLOEXEC, 0): a handle for SIOC* interface ioctls. */
+export function socketDgram(family: number = C.AF_INET): number {
+  return check("socket", sym.socket(family, C.SOCK_DGRAM | C.SOCK_CLOEXEC, 0));
+}

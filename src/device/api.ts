@@ -106,6 +106,18 @@ export interface Device {
    * then tells the driver (CONFIG_CHANGE_MSG over the back-end channel).
    */
   refresh?(): boolean;
+  /**
+   * Network devices: the front-end set the MTU (NET_SET_MTU; offering
+   * PROTOCOL_F_NET_MTU), in every thread's instance. Throw to refuse it.
+   */
+  setMtu?(mtu: number): void;
+  /**
+   * Network devices: the guest moved here (live migration) and cannot
+   * announce itself, so the front-end asks the device to (SEND_RARP; offering
+   * PROTOCOL_F_RARP): broadcast a frame from `mac` so switches learn where it
+   * is now. Called in every thread's instance.
+   */
+  announce?(mac: Uint8Array): void;
   /** The driver reset the device (RESET_OWNER, RESET_DEVICE, disconnect). */
   reset?(): void;
   /** The server is shutting down: release backing resources. */
@@ -134,6 +146,16 @@ export interface Device {
  */
 export interface Queues {
   take(queue: number): Request | null;
+  /**
+   * Returns taken requests unused, newest first (e.g. a network packet that
+   * needs three buffers when only two were there): each must be the last one
+   * taken from its queue and not completed. Returns false when it cannot;
+   * complete the request instead.
+   * @example
+   * const got = []; while (need > 0 && (r = queues.take(q))) got.push(r), need -= r.out.remaining;
+   * if (need > 0) while (got.length) queues.giveBack(got.pop()!); // wait for more buffers
+   */
+  giveBack(req: Request): boolean;
 }
 
 /**

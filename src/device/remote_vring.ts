@@ -29,6 +29,8 @@ export type RingCommand =
   /** Device commands: state to every instance (DEVICE_STATE load); a reload's new instance built, swapped in, or dropped. */
   | { op: "loadState"; data: Uint8Array }
   | { op: "features"; features: bigint }
+  /** A net request for every instance: NET_SET_MTU (setMtu) or SEND_RARP (announce). */
+  | { op: "hook"; name: "setMtu" | "announce"; arg: number | Uint8Array }
   | { op: "reloadPrepare"; module: string; options: unknown; fresh: boolean }
   | { op: "reloadSwap"; features: bigint | null }
   | { op: "reloadDrop" }

@@ -284,6 +284,28 @@ export class Vring implements RingCtl {
   }
 
   /**
+   * Receive queues: returns a request taken by take() and not completed, the
+   * last one taken from this ring, to the ring unused. False when it cannot
+   * (not the last taken, or not in flight): complete it instead.
+   */
+  giveBack(req: Request): boolean {
+    const slot = req as Slot;
+    if (slot.ring !== this || slot.head < 0 || this.busy[slot.head] !== 1 || !this.q.ready) return false;
+    if (!this.q.unpop(slot.head)) return false;
+    this.busy[slot.head] = 0;
+    slot.head = -1;
+    this.free.push(slot);
+    this.inflight--;
+    this.host.inflightChanged(-1);
+    if (this.inflight === 0 && this.idleWaiters.length) {
+      const w = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const f of w) f();
+    }
+    return true;
+  }
+
+  /**
    * Pops the next chain into a request slot counted in flight, or null when
    * the ring has none; throws the walker's VirtqError (or an IOTLB miss) and
    * HEAD_BUSY for a chain id already in flight.

@@ -70,6 +70,14 @@ export const PROTOCOL_FEATURES =
   bit(ProtocolFeature.INFLIGHT_SHMFD) | bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.BACKEND_REQ) |
   bit(ProtocolFeature.INBAND_NOTIFICATIONS) | bit(ProtocolFeature.DEVICE_STATE);
 
+/** What we offer this device: the common set, plus the net requests when it has their hooks. */
+export function protocolFeaturesOf(d: Device): bigint {
+  let f = PROTOCOL_FEATURES;
+  if (d.setMtu) f |= bit(ProtocolFeature.NET_MTU);
+  if (d.announce) f |= bit(ProtocolFeature.RARP);
+  return f;
+}
+
 /** How long CHECK_DEVICE_STATE waits for a transfer still draining. */
 const CHECK_WAIT_MS = 3000;
 
@@ -146,6 +154,11 @@ export class VuDev {
   takeLocal(i: number): Request | null {
     const v = this.vrings[i];
     return v instanceof Vring ? v.take() : null;
+  }
+
+  giveBackLocal(r: Request): boolean {
+    const v = this.vrings[r.queue];
+    return v instanceof Vring ? v.giveBack(r) : false;
   }
 
   /** The I/O threads serving at least one ring. */
@@ -259,9 +272,9 @@ export class VuDev {
         return null;
       }
       case R.GET_PROTOCOL_FEATURES:
-        return reply({ u64: PROTOCOL_FEATURES });
+        return reply({ u64: protocolFeaturesOf(this.device) });
       case R.SET_PROTOCOL_FEATURES: {
-        const extra = m.u64! & ~PROTOCOL_FEATURES;
+        const extra = m.u64! & ~protocolFeaturesOf(this.device);
         if (extra !== 0n) throw new ProtocolError("SET_PROTOCOL_FEATURES", "features", `0x${extra.toString(16)} not offered`);
         this.checkInbandFeatures(m.u64!);
         this.protocolFeatures = m.u64!;
@@ -419,6 +432,23 @@ export class VuDev {
         return null;
       case R.GET_STATUS:
         return reply({ u64: BigInt(this.status) });
+      case R.NET_SET_MTU: {
+        const mtu = Number(m.u64!);
+        if (!this.device.setMtu) throw new Refused("NET_SET_MTU: the device has no MTU");
+        // VIRTIO 1.2 §5.1.4: 68..65535.
+        if (mtu < 68 || mtu > 65535) throw new Refused(`NET_SET_MTU: mtu ${mtu} outside 68..65535`);
+        this.deviceCall("setMtu", () => this.device.setMtu!(mtu), true);
+        for (const ch of this.channels()) await ch.request({ op: "hook", name: "setMtu", arg: mtu });
+        return null;
+      }
+      case R.SEND_RARP: {
+        if (!this.device.announce) throw new Refused("SEND_RARP: the device does not announce");
+        const mac = new Uint8Array(6);
+        for (let i = 0; i < 6; i++) mac[i] = Number((m.u64! >> BigInt(8 * i)) & 0xffn);
+        this.deviceCall("announce", () => this.device.announce!(mac), true);
+        for (const ch of this.channels()) await ch.request({ op: "hook", name: "announce", arg: mac });
+        return null;
+      }
       case R.VRING_KICK:
         await this.vringKick(m);
         return null;

@@ -24,6 +24,7 @@ export const BUILTIN_DEVICES: Readonly<Record<string, string>> = {
   blk: resolve(PACKAGE_ROOT, "src/devices/blk.ts"),
   rng: resolve(PACKAGE_ROOT, "src/devices/rng.ts"),
   input: resolve(PACKAGE_ROOT, "src/devices/input.ts"),
+  net: resolve(PACKAGE_ROOT, "src/devices/net.ts"),
 };
 
 /** A device module or device that cannot be used, naming the module and the field. */
@@ -212,7 +213,7 @@ export function checkDevice(file: string, d: unknown): asserts d is Device {
   if (!(space instanceof Uint8Array)) throw bad("config()", "must return a Uint8Array (new Uint8Array(0) for none)");
   if (space.length > MAX_CONFIG_SIZE) throw bad("config()", `${space.length} bytes: vhost-user carries at most ${MAX_CONFIG_SIZE}`);
   if (typeof dev.handle !== "function") throw bad("handle", "must be a function (req) => void | Promise<void> | PENDING");
-  for (const f of ["setConfig", "setFeatures", "attach", "poll", "refresh", "reset", "close", "saveState", "loadState", "available"]) {
+  for (const f of ["setConfig", "setFeatures", "attach", "poll", "refresh", "reset", "close", "saveState", "loadState", "available", "setMtu", "announce"]) {
     if (dev[f] !== undefined && typeof dev[f] !== "function") throw bad(f, "must be a function when present");
   }
   const rq = dev.receiveQueues;

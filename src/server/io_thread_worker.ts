@@ -65,7 +65,10 @@ class Port {
   /** The back-end channel, lent by the main thread while the IOTLB is on (taken back, acknowledged, before it is closed). */
   iotlbFd = -1;
   /** Receive queues of this port's instance: chains popped from the rings served here. */
-  readonly queues: Queues = { take: (q) => (this.paused.has(q) ? null : this.rings.get(q)?.take() ?? null) };
+  readonly queues: Queues = {
+    take: (q) => (this.paused.has(q) ? null : this.rings.get(q)?.take() ?? null),
+    giveBack: (r) => this.rings.get(r.queue)?.giveBack(r) ?? false,
+  };
   readonly host: VringHost;
 
   constructor(readonly index: number) {
@@ -145,6 +148,10 @@ async function exec(c: (RingCommand | { op: "exit" }) & { port?: number }): Prom
       return null;
     case "loadState":
       p.device.loadState?.(c.data);
+      return null;
+    case "hook":
+      if (c.name === "setMtu") p.device.setMtu?.(c.arg as number);
+      else p.device.announce?.(c.arg as Uint8Array);
       return null;
     case "reloadPrepare": {
       const mod = await importDeviceModule(c.module, c.fresh);

@@ -50,7 +50,10 @@ export class VuServer {
   /** The device served (the main thread's instance); a hot reload replaces it. */
   device: Device;
   /** Receive queues of the main thread's instance: rings of the current front-end served on the main loop. */
-  readonly queues: Queues = { take: (q) => this.conn?.dev.takeLocal(q) ?? null };
+  readonly queues: Queues = {
+    take: (q) => this.conn?.dev.takeLocal(q) ?? null,
+    giveBack: (r) => this.conn?.dev.giveBackLocal(r) ?? false,
+  };
   private attached = false;
 
   constructor(readonly opts: ServerOptions) {

@@ -14,10 +14,13 @@
  * the error carries QEMU's command line, stderr and the console tail. A
  * script can wait for the test with `read -r line` (Guest.send()), and a
  * test can wait for one result while the guest runs (Guest.waitResult()).
+ * A script that ends with `commands` runs the lines the test sends, one by
+ * one, until "exit": Guest.exec() sends one and waits for its RESULT.
  *
  * Which modules load: `modules` when given, else the drivers for `device`'s
- * VIRTIO id (GUEST_DRIVERS: blk, rng, input), else the block set; the
- * virtio-pci transport always comes first. Boot to the script takes about
+ * VIRTIO id (GUEST_DRIVERS: net, blk, rng, input), else the block set; the
+ * virtio-pci transport always comes first. `net` adds virtio-net NICs on
+ * vhost-user netdevs (QemuOptions.net) and loads virtio_net for them. Boot to the script takes about
  * 3 s here (TCG, PVH entry). QEMU 7.2's vhost-user-input-pci and -gpu-pci
  * refuse to start without KVM: give `accel: "kvm"` and skip on
  * kvmSkipReason(). GUEST_CONSOLE=1 in the environment prints each guest's
@@ -47,9 +50,11 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { qemuDeviceArgs, type AttachInfo } from "../server/qemu_line.ts";
 import { DEFAULT_MODULES, guestImage, guestImageSkipReason, loadList, withTestScript } from "./guest_image.ts";
-import { QemuProcess, qemuSkipReason, type QemuOptions, type VhostUserBlkOptions } from "./qemu.ts";
+import { QemuProcess, qemuSkipReason, type QemuOptions, type VhostUserBlkOptions, type VhostUserNetOptions } from "./qemu.ts";
 
-export { kvmSkipReason, QemuProcess, qemuArgs, qemuSkipReason, type QemuOptions, type VhostUserBlkOptions } from "./qemu.ts";
+export {
+  kvmSkipReason, QemuProcess, qemuArgs, qemuSkipReason, type QemuOptions, type VhostUserBlkOptions, type VhostUserNetOptions,
+} from "./qemu.ts";
 export { guestCacheDir, guestImage, guestImageSkipReason, GUEST_MODULES, type GuestImage } from "./guest_image.ts";
 
 /**
@@ -66,6 +71,7 @@ export const KERNEL_TROUBLE = /I\/O error|blk_update_request|Buffer I\/O|EXT4-fs
 
 /** The guest's driver modules by VIRTIO id (the image has these; see GUEST_MODULES). */
 export const GUEST_DRIVERS: Readonly<Record<number, readonly string[]>> = {
+  1: ["virtio_net"],
   2: ["virtio_blk"],
   4: ["virtio_rng"],
   18: ["virtio_input", "evdev"],
@@ -76,6 +82,7 @@ export const PRELUDE = `
 result() { echo "RESULT: $*"; }
 fail() { echo "RESULT: FAIL $*"; }
 now() { cut -d' ' -f1 /proc/uptime; }
+commands() { while read -r line; do [ "$line" = exit ] && break; eval "$line"; done; }
 `;
 
 /** What QEMU attaches on `socket`: the device's VIRTIO id, queue count and config size, or the Device itself. */
@@ -90,10 +97,13 @@ export interface GuestOptions {
   device?: GuestDevice;
   /** vhost-user-blk devices with QEMU's own properties (chardev ids vu0, vu1, …). */
   blk?: VhostUserBlkOptions[];
+  /** virtio-net NICs on vhost-user netdevs (chardev ids vn0, vn1, …; give each a distinct `mac`); loads virtio_net. */
+  net?: VhostUserNetOptions[];
   /** Module names to load after virtio_pci ("virtio_rng" or "virtio-rng"); default: see the file header. */
   modules?: string[];
   /** Scratch directory for the per-run initramfs (default: a fresh one, removed at stop()). */
   dir?: string;
+  /** vCPUs (default 1); a device's N queues (pairs for net) are used only with N vCPUs. */
   smp?: number;
   /** "tcg" (default) or "kvm" (much faster; needed by QEMU 7.2's vhost-user-input-pci and -gpu-pci; see kvmSkipReason). */
   accel?: "tcg" | "kvm";
@@ -117,6 +127,8 @@ export interface GuestOptions {
 /** What differs between a migration's source QEMU and its destination. */
 export interface IncomingOptions {
   blk: VhostUserBlkOptions[];
+  /** The destination's NICs (none when omitted). */
+  net?: VhostUserNetOptions[];
   console?: string;
   qmp?: string;
 }
@@ -142,10 +154,11 @@ export interface GuestOutput {
 /** The modules to load for `o`, virtio_pci first. */
 function modulesFor(o: GuestOptions): string[] {
   if (o.modules) return ["virtio_pci", ...o.modules];
-  if (!o.device) return [...DEFAULT_MODULES];
+  const net = o.net?.length ? ["virtio_net"] : [];
+  if (!o.device) return o.net?.length && !o.blk?.length ? ["virtio_pci", ...net] : [...DEFAULT_MODULES, ...net];
   const drivers = GUEST_DRIVERS[o.device.type];
   if (!drivers) throw new Error(`runGuest: no guest driver known for VIRTIO id ${o.device.type}: name the modules to load (options.modules)`);
-  return ["virtio_pci", ...drivers, ...(o.blk?.length ? ["virtio_blk"] : [])];
+  return ["virtio_pci", ...drivers, ...(o.blk?.length ? ["virtio_blk"] : []), ...net];
 }
 
 function deviceArgs(o: GuestOptions): string[] {
@@ -184,6 +197,7 @@ export class Guest {
       memSlots: o.memSlots,
       maxMemMiB: o.maxMemMiB,
       blk: o.blk,
+      net: o.net,
       console: o.console,
       qmp: o.qmp,
       extra,
@@ -203,7 +217,7 @@ export class Guest {
    * what the guest prints after the switchover.
    */
   incoming(o: IncomingOptions): Guest {
-    const options: QemuOptions = { ...this.options, blk: o.blk, console: o.console, qmp: o.qmp, incoming: "defer" };
+    const options: QemuOptions = { ...this.options, blk: o.blk, net: o.net, console: o.console, qmp: o.qmp, incoming: "defer" };
     return new Guest(QemuProcess.start(options), options, null);
   }
 
@@ -233,6 +247,16 @@ export class Guest {
     const v = this.result(key);
     if (v === undefined) throw new Error(`guest: no RESULT ${key} (${m[0]})\n${this.qemu.describe()}`);
     return v;
+  }
+
+  /**
+   * Sends `command` to a script waiting in `commands` (or `read -r line`)
+   * and waits for its RESULT line with `key`: give each call its own key.
+   * @example await guest.exec(`ping -c 3 169.254.0.2 >/dev/null; result ping $?`, "ping", 20_000) // "0"
+   */
+  async exec(command: string, key: string, timeoutMs: number): Promise<string> {
+    this.send(command);
+    return this.waitResult(key, timeoutMs);
   }
 
   /** Sends a line to the guest's console (for a script's `read -r line`). */

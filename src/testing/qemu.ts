@@ -1,8 +1,9 @@
 /**
  * Starting QEMU for tests (the test kit's and ours): finds the binary, builds
  * the command line for a q35 TCG machine with shared memfd memory (which
- * vhost-user needs) and vhost-user-blk devices (any other device through
- * `extra`, e.g. from qemuDeviceArgs), runs it with its console on stdout (or
+ * vhost-user needs), vhost-user-blk devices and virtio-net NICs on
+ * vhost-user netdevs (any other device through `extra`, e.g. from
+ * qemuDeviceArgs), runs it with its console on stdout (or
  * on a unix socket QEMU listens on, which we connect to), and always reaps
  * it. Failure messages carry the command line, QEMU's stderr and the console
  * tail.
@@ -57,6 +58,31 @@ export interface VhostUserBlkOptions {
   id?: string;
 }
 
+/**
+ * A virtio-net-pci NIC on a vhost-user netdev (`-netdev vhost-user` +
+ * `-device virtio-net-pci,…,vectors=0`: QEMU 7.2 segfaults with MSI-X
+ * vectors on a vhost-user netdev). QEMU shows the guest its own MAC, not the
+ * back-end's config: give each NIC on one switch a distinct `mac` (QEMU's
+ * default is 52:54:00:12:34:56 in every process), and the one the back-end
+ * expects if it filters by MAC (`server.ts net`: 02:62:76:68:00:NN for
+ * port NN - 1, or its --mac).
+ */
+export interface VhostUserNetOptions {
+  socket: string;
+  /** Queue pairs (netdev `queues=N`); more than 1 adds `mq=on` (the guest uses min(N, vCPUs) pairs). */
+  queues?: number;
+  /** Packed rings (`packed=on`); QEMU masks the bit off if the back-end does not offer it. */
+  packed?: boolean;
+  /** The guest's MAC, e.g. "02:62:76:68:00:01". */
+  mac?: string;
+  /** -chardev reconnect= in seconds (QEMU 7.2). */
+  reconnect?: number;
+  /** PCI address such as "05.0". */
+  addr?: string;
+  /** Chardev id (default vn0, vn1, …); the netdev is ID-net, the device ID-dev. */
+  id?: string;
+}
+
 /** The machine: memory, CPUs, boot, console, monitor sockets and devices. */
 export interface QemuOptions {
   /** The accelerator: "tcg" (default; runs anywhere) or "kvm" (needs /dev/kvm; see kvmSkipReason). */
@@ -73,6 +99,8 @@ export interface QemuOptions {
   maxMemMiB?: number;
   smp?: number;
   blk?: VhostUserBlkOptions[];
+  /** virtio-net NICs on vhost-user netdevs (after the blk devices). */
+  net?: VhostUserNetOptions[];
   kernel?: string;
   initrd?: string;
   append?: string;
@@ -124,6 +152,18 @@ export function qemuArgs(o: QemuOptions): string[] {
     if (b.eventIdx !== undefined) dev += `,event_idx=${onOff(b.eventIdx)}`;
     if (b.indirectDesc !== undefined) dev += `,indirect_desc=${onOff(b.indirectDesc)}`;
     if (b.addr) dev += `,addr=${b.addr}`;
+    a.push("-device", dev);
+  });
+  (o.net ?? []).forEach((n, i) => {
+    const id = n.id ?? `vn${i}`;
+    const pairs = n.queues ?? 1;
+    a.push("-chardev", `socket,id=${id},path=${n.socket}${n.reconnect !== undefined ? `,reconnect=${n.reconnect}` : ""}`);
+    a.push("-netdev", `vhost-user,id=${id}-net,chardev=${id}${pairs > 1 ? `,queues=${pairs}` : ""}`);
+    let dev = `virtio-net-pci,netdev=${id}-net,id=${id}-dev,vectors=0`;
+    if (pairs > 1) dev += ",mq=on";
+    if (n.packed !== undefined) dev += `,packed=${onOff(n.packed)}`;
+    if (n.mac) dev += `,mac=${n.mac}`;
+    if (n.addr) dev += `,addr=${n.addr}`;
     a.push("-device", dev);
   });
   a.push(...(o.extra ?? []));

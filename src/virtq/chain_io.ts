@@ -58,6 +58,23 @@ class Cursor {
     this.advance(n);
   }
 
+  /** @internal Piece and offset of the position (for chain-to-chain copies). */
+  get pieceIndex(): number {
+    return this.i;
+  }
+  /** @internal */
+  get pieceOffset(): number {
+    return this.po;
+  }
+  /** @internal */
+  assertRemaining(n: number): void {
+    this.need(n, "copy");
+  }
+  /** @internal Advance by `n` already checked. */
+  skipUnchecked(n: number): void {
+    this.advance(n);
+  }
+
   protected advance(n: number): void {
     const p = this.pieces;
     this.pos += n;
@@ -145,10 +162,50 @@ export class ChainReader extends Cursor {
     return lo + this.readU32() * 2 ** 32;
   }
 
-  /** Copies the next `dst.length` bytes into `dst`. */
-  copyTo(dst: Uint8Array): void {
-    this.need(dst.length, "copyTo");
-    this.each(dst.length, (v, at) => dst.set(v, at));
+  /** Copies the next `end - start` bytes into `dst[start..end)` (default: all of `dst`). */
+  copyTo(dst: Uint8Array, start = 0, end = dst.length): void {
+    const n = end - start;
+    this.need(n, "copyTo");
+    const p = this.pieces;
+    let done = 0;
+    while (done < n) {
+      const take = Math.min(n - done, p.len[this.i]! - this.po);
+      const o = p.off[this.i]! + this.po;
+      const w = p.win[this.i]!;
+      if (take <= 64) for (let k = 0; k < take; k++) dst[start + done + k] = w[o + k]!;
+      else dst.set(w.subarray(o, o + take), start + done);
+      done += take;
+      this.advance(take);
+    }
+  }
+
+  /**
+   * The window holding the next `n` bytes when they are contiguous (in one
+   * piece), else null; the bytes start at `peekViewOffset` in it. For
+   * parsing headers in place without copying; never write through it.
+   * @example const v = req.in.peekView(14); if (v) etherType = (v[req.in.peekViewOffset + 12]! << 8) | v[req.in.peekViewOffset + 13]!;
+   */
+  peekView(n: number): Uint8Array | null {
+    const p = this.pieces;
+    if (this.i >= p.count || this.po + n > p.len[this.i]!) return null;
+    this.peekViewOffset = p.off[this.i]! + this.po;
+    return p.win[this.i]!;
+  }
+  /** Where peekView()'s bytes start in the view it returned. */
+  peekViewOffset = 0;
+
+  /**
+   * The byte `at` bytes past the current position, without moving (e.g. a
+   * header field); throws ChainRangeError past the end.
+   * @example const dstMacFirstByte = req.in.peekU8(12);
+   */
+  peekU8(at: number): number {
+    const p = this.pieces;
+    if (this.i < p.count && this.po + at < p.len[this.i]!) return p.win[this.i]![p.off[this.i]! + this.po + at]!;
+    this.need(at + 1, "peekU8");
+    let i = this.i, o = this.po + at;
+    while (o >= p.len[i]!) o -= p.len[i++]!;
+    return p.win[i]![p.off[i]! + o]!;
   }
 
   /** Calls `fn` with views of the next `n` bytes (zero-copy), piece by piece. */
@@ -200,10 +257,47 @@ export class ChainWriter extends Cursor {
     this.writeU32(Math.floor(v / 2 ** 32));
   }
 
-  /** Copies `src` into the buffers. */
-  copyFrom(src: Uint8Array): void {
-    this.need(src.length, "copyFrom");
-    this.each(src.length, (v, at) => v.set(src.subarray(at, at + v.length)));
+  /** Copies `src[start..end)` (default: all of it) into the buffers. */
+  copyFrom(src: Uint8Array, start = 0, end = src.length): void {
+    const n = end - start;
+    this.need(n, "copyFrom");
+    const p = this.pieces;
+    let done = 0;
+    while (done < n) {
+      const take = Math.min(n - done, p.len[this.i]! - this.po);
+      const o = p.off[this.i]! + this.po;
+      const w = p.win[this.i]!;
+      const s0 = start + done;
+      if (take <= 64) for (let k = 0; k < take; k++) w[o + k] = src[s0 + k]!;
+      else w.set(src.subarray(s0, s0 + take), o);
+      done += take;
+      this.advance(take);
+    }
+  }
+
+  /**
+   * Copies the next `n` bytes of another chain (a reader at its position)
+   * into the buffers: guest memory to guest memory in one pass, e.g. a
+   * network packet from one port's TX chain into another port's RX buffers.
+   * Both cursors advance.
+   * @example rx.out.copyFromChain(tx.in, tx.in.remaining);
+   */
+  copyFromChain(src: ChainReader, n: number): void {
+    this.need(n, "copyFromChain");
+    src.assertRemaining(n);
+    const dp = this.pieces, sp = src.pieces;
+    let done = 0;
+    while (done < n) {
+      const si = src.pieceIndex, spo = src.pieceOffset;
+      const take = Math.min(n - done, dp.len[this.i]! - this.po, sp.len[si]! - spo);
+      const d = dp.win[this.i]!, dO = dp.off[this.i]! + this.po;
+      const s = sp.win[si]!, sO = sp.off[si]! + spo;
+      if (take <= 64) for (let k = 0; k < take; k++) d[dO + k] = s[sO + k]!;
+      else d.set(s.subarray(sO, sO + take), dO);
+      done += take;
+      this.advance(take);
+      src.skipUnchecked(take);
+    }
   }
 
   /** Writes `n` bytes of `byte` (zero by default). */

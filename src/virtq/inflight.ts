@@ -92,6 +92,11 @@ export class SplitInflight {
     this.u8[o] = 1;
   }
 
+  /** Chain `head` was given back unused (it is available again, not in flight). */
+  untaken(head: number): void {
+    this.u8[HDR + DESC * head] = 0;
+  }
+
   /** Chain `head` is in the used ring (not yet published). */
   pushed(head: number): void {
     this.dv.setUint16(HDR + DESC * head + 6, this.dv.getUint16(12, true), true);

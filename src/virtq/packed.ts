@@ -156,6 +156,9 @@ export class PackedQueue implements VirtQueue {
   private devShadow = -1;
   /** Ring descriptors taken by each buffer id in flight; 0 = not in flight. */
   private chainLen = new Uint16Array(0);
+  /** Where each buffer in flight started (for unpop). */
+  private popPos = new Uint16Array(0);
+  private popWrap = new Uint8Array(0);
   // The batch pushed since the last flush: its first entry's flags wait for flush.
   private batchCount = 0;
   private batchDescs = 0;
@@ -189,7 +192,11 @@ export class PackedQueue implements VirtQueue {
     if (((desc.host | desc.off) & 15) !== 0 || ((driver.host | driver.off) & 3) !== 0 || ((device.host | device.off) & 3) !== 0) {
       this.fail("RING_ADDR", 0, "misaligned ring");
     }
-    if (size !== this.size && this.chainLen.length !== size) this.chainLen = new Uint16Array(size);
+    if (size !== this.size && this.chainLen.length !== size) {
+      this.chainLen = new Uint16Array(size);
+      this.popPos = new Uint16Array(size);
+      this.popWrap = new Uint8Array(size);
+    }
     if (this.fullLen.length !== size) this.fullLen = new Uint32Array(size);
     // Called with nothing in flight (quiesced): nothing is held back.
     this.hold.reset(size);
@@ -247,6 +254,26 @@ export class PackedQueue implements VirtQueue {
    * (device-readable) and `w` (device-writable), both reset first. Returns
    * its buffer id, or -1 when the descriptor at `availPos` is not available.
    */
+  unpop(id: number): boolean {
+    const n = this.size;
+    if (n === 0 || id >= n || this.inflight !== null || this.resubmit.length > 0) return false;
+    const count = this.chainLen[id]!;
+    if (count === 0) return false;
+    let pos = this.availPos - count, wrap = this.availWrap;
+    if (pos < 0) {
+      pos += n;
+      wrap ^= 1;
+    }
+    // Only the last chain popped: it starts where the one before it ended.
+    if (this.popPos[id] !== pos || this.popWrap[id] !== wrap) return false;
+    if (this.inOrder && !this.hold.untaken(id)) return false;
+    this.chainLen[id] = 0;
+    this.inflightDescs -= count;
+    this.availPos = pos;
+    this.availWrap = wrap;
+    return true;
+  }
+
   pop(r: Pieces, w: Pieces): number {
     if (this.broken !== null) throw this.broken;
     const n = this.size;
@@ -320,6 +347,8 @@ export class PackedQueue implements VirtQueue {
       }
     }
     this.chainLen[id] = count;
+    this.popPos[id] = this.availPos;
+    this.popWrap[id] = this.availWrap;
     this.inflightDescs += count;
     if (this.inOrder) {
       this.hold.taken(id);

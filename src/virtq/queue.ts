@@ -40,6 +40,13 @@ export interface VirtQueue {
    * or -1 when the ring is empty. Throws VirtqError (and sets `broken`).
    */
   pop(r: Pieces, w: Pieces): number;
+  /**
+   * Puts back chain `id`, popped last and not pushed, as if never popped (a
+   * receive queue's buffer the device took but cannot use). Returns false,
+   * changing nothing, when `id` is not the last chain popped (or its ring
+   * entry changed, or an inflight area tracks this packed ring).
+   */
+  unpop(id: number): boolean;
   /** Marks chain `id` used with `len` bytes written (visible after flush). */
   push(id: number, len: number): void;
   /** Publishes pushed entries; returns whether the driver wants an interrupt. */
@@ -115,6 +122,17 @@ export class InOrderHold {
     if (at >= n) at -= n;
     this.ord[at] = id;
     this.count++;
+  }
+
+  /** Forgets `id` if it is the last id taken (given back unused); returns whether it was. */
+  untaken(id: number): boolean {
+    if (this.count === 0) return false;
+    const n = this.ord.length;
+    let at = this.head + this.count - 1;
+    if (at >= n) at -= n;
+    if (this.ord[at] !== id) return false;
+    this.count--;
+    return true;
   }
 
   /** Id `id` completed with `len` bytes written; emits every completion whose turn has come. */

@@ -239,6 +239,16 @@ export class SplitQueue implements VirtQueue {
     return s;
   }
 
+  unpop(head: number): boolean {
+    if (this.resubmit.length > 0) return false; // popped from what a previous back-end left: keep it simple
+    const prev = (this.lastAvail - 1) & 0xffff;
+    if (this.size === 0 || this.a16[this.aBase + 2 + (prev & (this.size - 1))] !== head) return false;
+    if (this.inOrder && !this.hold.untaken(head)) return false;
+    this.lastAvail = prev;
+    this.inflight?.untaken(head);
+    return true;
+  }
+
   pop(r: Pieces, w: Pieces): number {
     let head: number;
     if (this.resubmitPos < this.resubmit.length) {
