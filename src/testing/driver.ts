@@ -617,7 +617,7 @@ export class DeviceDriver {
    */
   async wait<T>(p: Promise<T>, timeoutMs = this.timeoutMs): Promise<T> {
     let finished = false;
-    const s = p.then((v) => { finished = true; return v; });
+    const s = p.then((v) => { finished = true; return v; }, (e) => { finished = true; throw e; });
     s.catch(() => {}); // a chain rejected later (close) after a timeout here is not unhandled
     const deadline = performance.now() + timeoutMs;
     while (!finished) {

@@ -117,9 +117,8 @@ export class Switch {
   private readonly macs = new Map<number, MacEntry>();
   /** How long a learned MAC stays without being seen again (ms). */
   agingMs = 300_000;
-  /** A coarse clock: read once per `CLOCK_EVERY` frames (and on every miss), not per frame. */
+  /** The clock, read once per frame (a counted-frames clock never ages out MACs on a quiet switch). */
   private now = performance.now();
-  private tick = 0;
 
   add(p: SwitchPort): void {
     if (!this.ports.includes(p)) this.ports.push(p);
@@ -147,21 +146,18 @@ export class Switch {
     const e = this.macs.get(mac);
     if (e === undefined) return null;
     if (this.now - e.seen > this.agingMs) {
-      this.now = performance.now();
-      if (this.now - e.seen > this.agingMs) {
-        this.macs.delete(mac);
-        return null;
-      }
+      this.macs.delete(mac);
+      return null;
     }
     return e.port;
   }
 
   /** A frame from port `from`: learn, then forward or flood. */
   input(from: SwitchPort, f: Frame): void {
-    if ((++this.tick & 63) === 0) this.now = performance.now();
+    this.now = performance.now();
     if (!isMulticast(f.src)) {
       const e = this.macs.get(f.src);
-      if (e === undefined) this.macs.set(f.src, { port: from, seen: (this.now = performance.now()) });
+      if (e === undefined) this.macs.set(f.src, { port: from, seen: this.now });
       else {
         e.port = from;
         e.seen = this.now;
