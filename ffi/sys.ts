@@ -474,3 +474,11 @@ export function ioctl(fd: number, req: number, arg: NodeJS.TypedArray | number, 
 export function socketDgram(family: number = C.AF_INET): number {
   return check("socket", sym.socket(family, C.SOCK_DGRAM | C.SOCK_CLOEXEC, 0));
 }
+
+/**
+ * memcpy(3) between two host addresses the caller has checked (pieces of
+ * guest memory mapped in this process); no return value.
+ */
+export function memcpy(dst: number, src: number, n: number): void {
+  sym.memcpy(dst, src, n);
+}

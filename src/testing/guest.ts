@@ -20,11 +20,12 @@
  * Which modules load: `modules` when given, else the drivers for `device`'s
  * VIRTIO id (GUEST_DRIVERS: net, blk, rng, input), else the block set; the
  * virtio-pci transport always comes first. `net` adds virtio-net NICs on
- * vhost-user netdevs (QemuOptions.net) and loads virtio_net for them. Boot to the script takes about
- * 3 s here (TCG, PVH entry). QEMU 7.2's vhost-user-input-pci and -gpu-pci
- * refuse to start without KVM: give `accel: "kvm"` and skip on
- * kvmSkipReason(). GUEST_CONSOLE=1 in the environment prints each guest's
- * console tail and QEMU's stderr when it stops.
+ * vhost-user netdevs (QemuOptions.net) and loads virtio_net for them.
+ * Boot to the script takes about 3 s here (TCG, PVH entry). QEMU 7.2's
+ * vhost-user-input-pci and -gpu-pci refuse to start without KVM: give
+ * `accel: "kvm"` and skip on kvmSkipReason(). GUEST_CONSOLE=1 in the
+ * environment prints each guest's console tail and QEMU's stderr when it
+ * stops.
  *
  * For live migration, `guest.incoming()` starts a second QEMU with the same
  * machine, kernel, initramfs and command line, waiting for the migration

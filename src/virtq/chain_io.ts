@@ -52,6 +52,22 @@ class Cursor {
     }
   }
 
+  /**
+   * The window holding the next `n` bytes when they are contiguous (in one
+   * piece), else null; the bytes start at `peekViewOffset` in it, and the
+   * position does not move. For parsing (reader) or filling (writer) a
+   * header in place; a reader's window must not be written.
+   * @example const v = req.in.peekView(14); if (v) etherType = (v[req.in.peekViewOffset + 12]! << 8) | v[req.in.peekViewOffset + 13]!;
+   */
+  peekView(n: number): Uint8Array | null {
+    const p = this.pieces;
+    if (this.i >= p.count || this.po + n > p.len[this.i]!) return null;
+    this.peekViewOffset = p.off[this.i]! + this.po;
+    return p.win[this.i]!;
+  }
+  /** Where peekView()'s bytes start in the view it returned. */
+  peekViewOffset = 0;
+
   /** Advances by `n` bytes without touching them. */
   skip(n: number): void {
     this.need(n, "skip");
@@ -172,27 +188,12 @@ export class ChainReader extends Cursor {
       const take = Math.min(n - done, p.len[this.i]! - this.po);
       const o = p.off[this.i]! + this.po;
       const w = p.win[this.i]!;
-      if (take <= 64) for (let k = 0; k < take; k++) dst[start + done + k] = w[o + k]!;
+      if (take <= 256) for (let k = 0; k < take; k++) dst[start + done + k] = w[o + k]!;
       else dst.set(w.subarray(o, o + take), start + done);
       done += take;
       this.advance(take);
     }
   }
-
-  /**
-   * The window holding the next `n` bytes when they are contiguous (in one
-   * piece), else null; the bytes start at `peekViewOffset` in it. For
-   * parsing headers in place without copying; never write through it.
-   * @example const v = req.in.peekView(14); if (v) etherType = (v[req.in.peekViewOffset + 12]! << 8) | v[req.in.peekViewOffset + 13]!;
-   */
-  peekView(n: number): Uint8Array | null {
-    const p = this.pieces;
-    if (this.i >= p.count || this.po + n > p.len[this.i]!) return null;
-    this.peekViewOffset = p.off[this.i]! + this.po;
-    return p.win[this.i]!;
-  }
-  /** Where peekView()'s bytes start in the view it returned. */
-  peekViewOffset = 0;
 
   /**
    * The byte `at` bytes past the current position, without moving (e.g. a
@@ -268,7 +269,7 @@ export class ChainWriter extends Cursor {
       const o = p.off[this.i]! + this.po;
       const w = p.win[this.i]!;
       const s0 = start + done;
-      if (take <= 64) for (let k = 0; k < take; k++) w[o + k] = src[s0 + k]!;
+      if (take <= 256) for (let k = 0; k < take; k++) w[o + k] = src[s0 + k]!;
       else w.set(src.subarray(s0, s0 + take), o);
       done += take;
       this.advance(take);
@@ -290,10 +291,14 @@ export class ChainWriter extends Cursor {
     while (done < n) {
       const si = src.pieceIndex, spo = src.pieceOffset;
       const take = Math.min(n - done, dp.len[this.i]! - this.po, sp.len[si]! - spo);
-      const d = dp.win[this.i]!, dO = dp.off[this.i]! + this.po;
-      const s = sp.win[si]!, sO = sp.off[si]! + spo;
-      if (take <= 64) for (let k = 0; k < take; k++) d[dO + k] = s[sO + k]!;
-      else d.set(s.subarray(sO, sO + take), dO);
+      if (take < 16) {
+        const d = dp.win[this.i]!, dO = dp.off[this.i]! + this.po;
+        const s = sp.win[si]!, sO = sp.off[si]! + spo;
+        for (let k = 0; k < take; k++) d[dO + k] = s[sO + k]!;
+      } else {
+        // Both are mapped guest memory with host addresses: one libc call, no view allocated.
+        sys.memcpy(dp.host[this.i]! + this.po, sp.host[si]! + spo, take);
+      }
       done += take;
       this.advance(take);
       src.skipUnchecked(take);

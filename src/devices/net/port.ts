@@ -369,14 +369,28 @@ export class NetPort implements Device, SwitchPort {
       return;
     }
     const w: ChainWriter = first.out;
-    w.writeU8(flags);
-    w.writeU8(gsoType);
-    w.writeU16(hdrLen);
-    w.writeU16(gsoSize);
-    w.writeU16(csumStart);
-    w.writeU16(csumOffset);
+    const hs = this.hdrSize;
     // Taken until the frame fit: every buffer holds part of it. Without MRG_RXBUF n is 1 (§5.1.6.4).
-    if (this.hdrSize === 12) w.writeU16(n);
+    const v = w.peekView(hs);
+    if (v !== null) {
+      const o = w.peekViewOffset;
+      v[o] = flags;
+      v[o + 1] = gsoType;
+      v[o + 2] = hdrLen & 0xff; v[o + 3] = hdrLen >>> 8;
+      v[o + 4] = gsoSize & 0xff; v[o + 5] = gsoSize >>> 8;
+      v[o + 6] = csumStart & 0xff; v[o + 7] = csumStart >>> 8;
+      v[o + 8] = csumOffset & 0xff; v[o + 9] = csumOffset >>> 8;
+      if (hs === 12) { v[o + 10] = n & 0xff; v[o + 11] = n >>> 8; }
+      w.skip(hs);
+    } else {
+      w.writeU8(flags);
+      w.writeU8(gsoType);
+      w.writeU16(hdrLen);
+      w.writeU16(gsoSize);
+      w.writeU16(csumStart);
+      w.writeU16(csumOffset);
+      if (hs === 12) w.writeU16(n);
+    }
     let left = f.len;
     for (let k = 0; k < n; k++) {
       const b = bufs[k]!;
