@@ -533,6 +533,7 @@ export class VuDev {
     try {
       await this.memoryChange(() => {
         this.mem.clear();
+        this.regionRefs.clear();
         try {
           m.regions!.forEach((r, i) => this.mem.add(r, fds[i]!));
         } catch (e) {
@@ -546,14 +547,31 @@ export class VuDev {
     }
   }
 
+  /**
+   * Regions added again, identical (same gpa, size and address): QEMU 7.2
+   * has one vhost_dev per queue pair of a vhost-user netdev on the same
+   * socket, and each sends ADD_MEM_REG (and REM_MEM_REG) for every region
+   * (QEMU 8.0 sends them once). Counted, not mapped twice: the mapping goes
+   * with the last REM_MEM_REG.
+   */
+  private readonly regionRefs = new Map<string, number>();
+
   private async addMemReg(m: Message): Promise<void> {
     const fd = m.fds[0]!;
     m.fds = [];
+    const r = m.region!;
+    const key = `${r.guestPhysAddr}:${r.memorySize}:${r.userAddr}`;
+    if (this.mem.regions.some((x) => x.gpa === r.guestPhysAddr && x.size === r.memorySize && x.uva === r.userAddr)) {
+      sys.closeQuiet(fd);
+      this.regionRefs.set(key, (this.regionRefs.get(key) ?? 0) + 1);
+      this.log.debug(`ADD_MEM_REG: region at gpa 0x${r.guestPhysAddr.toString(16)} added again (one per vhost_dev of the front-end): counted`);
+      return;
+    }
     this.checkSeals([fd]);
     try {
       await this.memoryChange(() => {
         try {
-          this.mem.add(m.region!, fd, MAX_MEM_SLOTS);
+          this.mem.add(r, fd, MAX_MEM_SLOTS);
         } catch (e) {
           throw this.regionError("ADD_MEM_REG", "region", e);
         }
@@ -567,6 +585,13 @@ export class VuDev {
     for (const fd of m.fds) sys.closeQuiet(fd);
     m.fds = [];
     const r = m.region!;
+    const key = `${r.guestPhysAddr}:${r.memorySize}:${r.userAddr}`;
+    const refs = this.regionRefs.get(key) ?? 0;
+    if (refs > 0) {
+      if (refs === 1) this.regionRefs.delete(key);
+      else this.regionRefs.set(key, refs - 1);
+      return;
+    }
     let found = false;
     await this.memoryChange(() => {
       found = this.mem.remove(r.guestPhysAddr, r.memorySize, r.userAddr);
@@ -816,6 +841,7 @@ export class VuDev {
   async reset(): Promise<void> {
     await this.resetDevice();
     await this.memoryChange(() => this.mem.clear());
+    this.regionRefs.clear();
     await this.dropInflight();
     await this.dropLog();
     sys.closeQuiet(this.backendFd);

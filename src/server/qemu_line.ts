@@ -11,6 +11,8 @@ export interface AttachInfo {
   type: number;
   queues: number;
   configSize: number;
+  /** virtio-net: the port's MAC (config bytes 0..5), given to QEMU (which keeps its own otherwise: the same in every QEMU). */
+  mac?: string;
 }
 
 /** QEMU's dedicated vhost-user front-ends by VIRTIO id: device name and the properties it needs. */
@@ -48,7 +50,7 @@ export function qemuDeviceArgs(d: AttachInfo, socket: string, id = "vu0"): strin
   if (d.type === 1) {
     const pairs = Math.max(1, Math.floor(d.queues / 2));
     return [...chardev, "-netdev", `vhost-user,id=${id}n,chardev=${id}${pairs > 1 ? `,queues=${pairs}` : ""}`,
-      "-device", `virtio-net-pci,netdev=${id}n,vectors=0${pairs > 1 ? ",mq=on" : ""}`];
+      "-device", `virtio-net-pci,netdev=${id}n,vectors=0${pairs > 1 ? ",mq=on" : ""}${d.mac ? `,mac=${d.mac}` : ""}`];
   }
   const dedicated = DEDICATED[d.type];
   const dev = dedicated

@@ -147,7 +147,11 @@ export async function serve(device: string | Device, o: ServeOptions): Promise<S
     closeMains();
     throw e;
   }
-  const lineOf = (s: VuServer) => qemuAttachLine({ type: s.device.type, queues: s.device.queues, configSize: s.device.config().length }, s.opts.socketPath);
+  const lineOf = (s: VuServer) => {
+    const config = s.device.config();
+    const mac = s.device.type === 1 && config.length >= 6 ? [...config.subarray(0, 6)].map((b) => b.toString(16).padStart(2, "0")).join(":") : undefined;
+    return qemuAttachLine({ type: s.device.type, queues: s.device.queues, configSize: config.length, mac }, s.opts.socketPath);
+  };
   let stopped: Promise<void> | null = null;
   return {
     server, servers, file, prepared, threads: pool, reloader, control,

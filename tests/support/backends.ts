@@ -150,9 +150,11 @@ const bunvhost: BackendKind = {
   skipReason: () => (existsSync(join(REPO_ROOT, "server.ts")) ? null : "server.ts does not exist yet"),
   async start(o) {
     const dir = scratchDir("bunvhost-srv-");
-    const socket = join(dir, "vhost.sock");
+    // A restart passes the socket of the server it replaces (--socket may be given once for blk).
+    const given = o.extraArgs?.indexOf("--socket") ?? -1;
+    const socket = given >= 0 ? o.extraArgs![given + 1]! : join(dir, "vhost.sock");
     const argv = [
-      process.execPath, "run", "server.ts", "--socket", socket,
+      process.execPath, "run", "server.ts", ...(given >= 0 ? [] : ["--socket", socket]),
       ...(o.image !== undefined ? ["--image", o.image] : ["--size", String(o.size)]),
       "--queues", String(o.queues ?? 1),
       ...(o.readonly ? ["--readonly"] : []),

@@ -179,7 +179,9 @@ export class NetPort implements Device, SwitchPort {
   }
 
   available(): void {
-    // Frames are not queued for a port without buffers (a switch drops them): nothing waits here.
+    // Frames from guests are not queued for a port without buffers (a switch drops them);
+    // a tap holds its next frame until some port has buffers again.
+    this.sw?.buffersAvailable();
   }
 
   reset(): void {
@@ -191,6 +193,7 @@ export class NetPort implements Device, SwitchPort {
     this.activePairs = this.ctrlVq ? 1 : this.maxPairs;
     // The guest behind this port is gone: what was learned here is stale.
     this.sw?.forget(this);
+    this.sw?.buffersAvailable();
   }
 
   close(): void {
@@ -212,6 +215,7 @@ export class NetPort implements Device, SwitchPort {
     b.set(mac, 32);
     const f = new Frame();
     f.fromBytes(b, 0, 60);
+    f.mayWait = false;
     f.dst = macAt(b, 0);
     f.src = macAt(b, 6);
     this.counters.fromPort++;
@@ -285,39 +289,43 @@ export class NetPort implements Device, SwitchPort {
     return dst === this.myMac || this.ucTable.has(dst);
   }
 
-  deliver(f: Frame): void {
+  deliver(f: Frame): boolean {
     if (!this.accepts(f.dst)) {
       this.counters.dropFiltered++;
-      return;
+      return true;
     }
     const gso = f.gsoType & ~GSO_ECN;
     if (gso !== GSO_NONE) {
       const ok = (gso === GSO_TCPV4 ? this.guestTso4 : gso === GSO_TCPV6 ? this.guestTso6 : false) &&
         ((f.gsoType & GSO_ECN) === 0 || this.guestEcn);
       if (ok) return this.put(f, f.flags, f.gsoType, f.hdrLen, f.gsoSize, f.csumStart, f.csumOffset);
+      const wait = f.mayWait;
+      f.mayWait = false; // segments are delivered one by one: none waits
       // Segment in software for a port that cannot take the large frame.
       const s = this.gather(f);
       if (segmentTcp(s, f.len, f.gsoType, f.gsoSize, (this.segScratch ??= new Uint8Array(MAX_FRAME)), this.emitSeg) < 0) {
         this.counters.dropBad++;
         this.warn(`cannot segment a GSO frame (type ${f.gsoType}, ${f.len} bytes, gso_size ${f.gsoSize})`);
       }
-      return;
+      f.mayWait = wait;
+      return true;
     }
     if (f.len > this.mtu + 18) {
       this.counters.dropTooBig++;
-      return;
+      return true;
     }
     if ((f.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) !== 0) {
       if (this.guestCsum) return this.put(f, VIRTIO_NET_HDR_F_NEEDS_CSUM, GSO_NONE, 0, 0, f.csumStart, f.csumOffset);
       const s = this.gather(f);
       if (!completeChecksum(s, f.len, f.csumStart, f.csumOffset)) {
         this.counters.dropBad++;
-        return;
+        return true;
       }
       this.segFrame.fromBytes(s, 0, f.len);
+      this.segFrame.mayWait = f.mayWait;
       return this.put(this.segFrame, 0, GSO_NONE, 0, 0, 0, 0);
     }
-    this.put(f, this.guestCsum ? f.flags & VIRTIO_NET_HDR_F_DATA_VALID : 0, GSO_NONE, 0, 0, 0, 0);
+    return this.put(f, this.guestCsum ? f.flags & VIRTIO_NET_HDR_F_DATA_VALID : 0, GSO_NONE, 0, 0, 0, 0);
   }
 
   private gather(f: Frame): Uint8Array {
@@ -327,9 +335,10 @@ export class NetPort implements Device, SwitchPort {
   }
 
   /** Takes receive buffers for the frame (several with MRG_RXBUF), writes the header and the frame, completes them. */
-  private put(f: Frame, flags: number, gsoType: number, hdrLen: number, gsoSize: number, csumStart: number, csumOffset: number): void {
+  /** Returns false (nothing counted) when `f.mayWait` and there are no buffers now. */
+  private put(f: Frame, flags: number, gsoType: number, hdrLen: number, gsoSize: number, csumStart: number, csumOffset: number): boolean {
     const q = this.q;
-    if (q === null) return void this.counters.dropNoBuffers++;
+    if (q === null) return this.noBuffers(f);
     const need = this.hdrSize + f.len;
     const bufs = this.bufs;
     // The sender's pair when it runs here, else the first that has a buffer.
@@ -340,7 +349,7 @@ export class NetPort implements Device, SwitchPort {
       rxq = 2 * ((f.pair + k) % pairs);
       first = q.take(rxq);
     }
-    if (first === null) return void this.counters.dropNoBuffers++;
+    if (first === null) return this.noBuffers(f);
     let n = 1;
     bufs[0] = first;
     let room = first.out.remaining;
@@ -348,7 +357,7 @@ export class NetPort implements Device, SwitchPort {
       // A buffer that cannot even hold the header: used empty (the driver counts an error).
       this.counters.dropBad++;
       first.complete();
-      return;
+      return true;
     }
     if (this.mrg) {
       while (room < need && n < MAX_BUFFERS) {
@@ -364,9 +373,9 @@ export class NetPort implements Device, SwitchPort {
         const b = bufs[--n]!;
         if (!q.giveBack(b)) b.complete();
       }
-      if (this.mrg) this.counters.dropNoBuffers++;
-      else this.counters.dropTooBig++;
-      return;
+      if (!this.mrg) this.counters.dropTooBig++;
+      else return this.noBuffers(f);
+      return true;
     }
     const w: ChainWriter = first.out;
     const hs = this.hdrSize;
@@ -401,6 +410,13 @@ export class NetPort implements Device, SwitchPort {
       bufs[k] = undefined as unknown as Request;
     }
     this.counters.toPort++;
+    return true;
+  }
+
+  private noBuffers(f: Frame): boolean {
+    if (f.mayWait) return false;
+    this.counters.dropNoBuffers++;
+    return true;
   }
 
   /** The control queue (§5.1.6.5): class, command, data; one ack byte back. */

@@ -16,6 +16,8 @@ import { isMulticast } from "./offload.ts";
 
 /** Per-port counters, as the stats line prints them. */
 export class PortCounters {
+  /** Who is behind the port, for the stats line ("guest", "host"). */
+  constructor(readonly peer = "guest") {}
   /** Frames the port's guest (or tap) sent into the switch. */
   fromPort = 0;
   /** Frames delivered to the port. */
@@ -27,7 +29,7 @@ export class PortCounters {
   dropBad = 0;
 
   line(): string {
-    return `from guest ${this.fromPort}, to guest ${this.toPort}, dropped: ${this.dropNoBuffers} no buffers, ` +
+    return `from ${this.peer} ${this.fromPort}, to ${this.peer} ${this.toPort}, dropped: ${this.dropNoBuffers} no buffers, ` +
       `${this.dropTooBig} too big, ${this.dropFiltered} filtered, ${this.dropBad} malformed`;
   }
 }
@@ -46,6 +48,11 @@ export class Frame {
   src = 0;
   /** The sender's queue pair (a hint for the receiver's queue choice). */
   pair = 0;
+  /**
+   * The sender can hold the frame (a tap: the host kernel queues behind it):
+   * a port without buffers returns false instead of dropping it.
+   */
+  mayWait = false;
   private reader: ChainReader | null = null;
   private skipHdr = 0;
   private bytes: Uint8Array | null = null;
@@ -103,8 +110,12 @@ export class Frame {
 export interface SwitchPort {
   readonly label: string;
   readonly counters: PortCounters;
-  /** Delivers one frame (rewound); the port counts what it drops. */
-  deliver(f: Frame): void;
+  /**
+   * Delivers one frame (rewound); the port counts what it drops. Returns
+   * false only for a frame that `mayWait` when the port has no buffers now
+   * (nothing counted: the sender retries after `Switch.buffersAvailable`).
+   */
+  deliver(f: Frame): boolean;
 }
 
 interface MacEntry {
@@ -152,8 +163,27 @@ export class Switch {
     return e.port;
   }
 
-  /** A frame from port `from`: learn, then forward or flood. */
-  input(from: SwitchPort, f: Frame): void {
+  private waiters: (() => void)[] = [];
+
+  /** Calls `retry` once, the next time a port gets receive buffers (or goes away). */
+  waitForBuffers(retry: () => void): void {
+    this.waiters.push(retry);
+  }
+
+  /** A port got receive buffers (or was reset): senders holding a frame try again. */
+  buffersAvailable(): void {
+    if (this.waiters.length === 0) return;
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+
+  /**
+   * A frame from port `from`: learn, then forward or flood. Returns false
+   * when a frame that `mayWait` could not be delivered to its one
+   * destination for want of buffers (floods never wait).
+   */
+  input(from: SwitchPort, f: Frame): boolean {
     this.now = performance.now();
     if (!isMulticast(f.src)) {
       const e = this.macs.get(f.src);
@@ -165,12 +195,11 @@ export class Switch {
     }
     if (!isMulticast(f.dst)) {
       const to = this.lookup(f.dst);
-      if (to === from) return; // the destination is behind the sender's own port
-      if (to !== null) {
-        to.deliver(f);
-        return;
-      }
+      if (to === from) return true; // the destination is behind the sender's own port
+      if (to !== null) return to.deliver(f);
     }
+    const wait = f.mayWait;
+    f.mayWait = false;
     const ports = this.ports;
     let first = true;
     for (let i = 0; i < ports.length; i++) {
@@ -180,5 +209,7 @@ export class Switch {
       first = false;
       p.deliver(f);
     }
+    f.mayWait = wait;
+    return true;
   }
 }

@@ -16,7 +16,7 @@ const HDR = 12;
 const READ_BUDGET = 64;
 
 export class TapPort implements SwitchPort {
-  readonly counters = new PortCounters();
+  readonly counters = new PortCounters("host");
   readonly label: string;
   private readonly tap: Tap;
   private readonly rbuf = new Uint8Array(HDR + MAX_FRAME);
@@ -33,15 +33,28 @@ export class TapPort implements SwitchPort {
     return this.tap.name;
   }
 
-  attach(loop: EventLoop): void {
-    if (this.watch >= 0) return;
-    this.watch = loop.watch(this.tap.fd, () => this.readable());
-    this.sw.add(this);
-    this.loop = loop;
-  }
   private loop: EventLoop | null = null;
 
+  /** Starts reading on `loop` (every port's attach calls this; the first one counts). */
+  attach(loop: EventLoop): void {
+    if (this.loop !== null) return;
+    this.loop = loop;
+    this.watch = loop.watch(this.tap.fd, () => this.readable());
+    this.sw.add(this);
+  }
+
+  /** A frame read and not yet taken by its destination (no buffers there): reading waits for it. */
+  private held = false;
+  private readonly retry = () => {
+    if (!this.held || this.tap.fd < 0) return;
+    if (!this.sw.input(this, this.frame)) return this.sw.waitForBuffers(this.retry);
+    this.held = false;
+    if (this.loop !== null && this.watch < 0) this.watch = this.loop.watch(this.tap.fd, () => this.readable());
+    this.readable();
+  };
+
   private readable(): void {
+    if (this.held) return;
     const b = this.rbuf, f = this.frame;
     for (let i = 0; i < READ_BUDGET; i++) {
       let n: number;
@@ -68,14 +81,23 @@ export class TapPort implements SwitchPort {
       f.dst = macAt(b, HDR);
       f.src = macAt(b, HDR + 6);
       f.pair = 0;
-      this.sw.input(this, f);
+      f.mayWait = true;
+      if (!this.sw.input(this, f)) {
+        // Backpressure instead of a drop: stop reading (the kernel queues, then drops at the
+        // tap's txqueuelen) until the guest gives buffers.
+        this.held = true;
+        if (this.watch >= 0) this.loop?.unwatch(this.watch);
+        this.watch = -1;
+        this.sw.waitForBuffers(this.retry);
+        return;
+      }
     }
   }
 
-  deliver(f: Frame): void {
+  deliver(f: Frame): boolean {
     if (f.gsoType === 0 && f.len > this.mtu + 18) {
       this.counters.dropTooBig++;
-      return;
+      return true;
     }
     const b = this.wbuf;
     b[0] = f.flags;
@@ -92,13 +114,15 @@ export class TapPort implements SwitchPort {
     } catch (e) {
       // EINVAL: the kernel refused the header (a bad offload request from a guest): that frame only.
       this.counters.dropBad++;
-      return;
+      return true;
     }
     if (ok) this.counters.toPort++;
     else this.counters.dropNoBuffers++;
+    return true;
   }
 
   close(): void {
+    this.held = false;
     if (this.watch >= 0) this.loop?.unwatch(this.watch);
     this.watch = -1;
     this.sw.remove(this);
