@@ -48,6 +48,8 @@ export const libc = dlopen(path, {
   munmap: { args: ["ptr", "usize"], returns: "i32" },
   memfd_create: { args: ["cstring", "u32"], returns: "i32" },
   eventfd: { args: ["u32", "i32"], returns: "i32" },
+  timerfd_create: { args: ["i32", "i32"], returns: "i32" },
+  timerfd_settime: { args: ["i32", "i32", "ptr", "ptr"], returns: "i32" },
 
   epoll_create1: { args: ["i32"], returns: "i32" },
   epoll_ctl: { args: ["i32", "i32", "i32", "ptr"], returns: "i32" },

@@ -482,3 +482,23 @@ export function socketDgram(family: number = C.AF_INET): number {
 export function memcpy(dst: number, src: number, n: number): void {
   sym.memcpy(dst, src, n);
 }
+
+const CLOCK_MONOTONIC = 1;
+const TFD_NONBLOCK = 0o4000, TFD_CLOEXEC = 0o2000000;
+
+/**
+ * A periodic timer fd (CLOCK_MONOTONIC, non-blocking): readable every
+ * `intervalMs`; read it with eventfdRead (the same 8-byte counter).
+ */
+export function timerfd(intervalMs: number): number {
+  const fd = check("timerfd_create", sym.timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC));
+  const spec = new BigInt64Array(4); // it_interval {sec, nsec}, it_value {sec, nsec}
+  const sec = Math.floor(intervalMs / 1000), nsec = Math.round((intervalMs % 1000) * 1e6);
+  spec[0] = BigInt(sec); spec[1] = BigInt(nsec); spec[2] = BigInt(sec); spec[3] = BigInt(nsec);
+  const r = sym.timerfd_settime(fd, 0, spec, null);
+  if (r < 0) {
+    closeQuiet(fd);
+    check("timerfd_settime", r);
+  }
+  return fd;
+}

@@ -22,3 +22,4 @@ export { DeviceModuleError } from "./server/device_module.ts";
 export { qemuDeviceArgs, qemuAttachLine, type AttachInfo } from "./server/qemu_line.ts";
 export { stderrLogger, type Logger, type Level } from "./device/log.ts";
 export { Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, type TapOptions } from "./io/tap.ts";
+export { every, type LoopTimer } from "./io/timer.ts";

@@ -114,6 +114,7 @@ export default function net(p: NetPrepared, ctx: DeviceContext): NetPort {
         t.close();
       }
       taps = [];
+      sw?.close();
       sw = null;
     }
   };

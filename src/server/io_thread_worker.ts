@@ -55,7 +55,16 @@ loop.busy = () => (commands > 0 ? 1 : promises > 0 ? 2 : 0);
  * switch has several), with its own device instance, guest memory and rings.
  */
 class Port {
-  device!: Device;
+  private dev!: Device;
+  /** This port's instance (a reload swaps it). */
+  get device(): Device {
+    return this.dev;
+  }
+  set device(d: Device) {
+    this.dev = d;
+    // A plain field for the rings' hot path (a getter per request showed in profiles).
+    (this.host as { device: Device }).device = d;
+  }
   /** A reload's new instance, built and checked, waiting for reloadSwap. */
   nextDevice: Device | null = null;
   readonly mem = new GuestMemory(init.windowSize);
@@ -72,9 +81,8 @@ class Port {
   readonly host: VringHost;
 
   constructor(readonly index: number) {
-    const self = this;
     this.host = {
-      get device() { return self.device; },
+      device: null as unknown as Device,
       mem: this.mem, log,
       broken: (e: VirtqError) => port.postMessage({ event: "broken", port: index, index: e.queue, code: e.code, at: e.index, message: e.message }),
       inflightChanged: (d: number) => { if (d > 0) popped += d; },

@@ -170,11 +170,12 @@ export class NetPort implements Device, SwitchPort {
     this.mtu = mtu;
   }
 
-  attach(_loop: EventLoop, queues?: Queues): void {
+  attach(loop: EventLoop, queues?: Queues): void {
     this.q = queues ?? null;
     if (this.sw !== null && !this.joined) {
       this.joined = true;
       this.sw.add(this);
+      this.sw.attach(loop);
     }
   }
 

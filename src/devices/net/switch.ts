@@ -11,7 +11,7 @@
  * aged-out destinations flood to every other port. A port that cannot take
  * a frame (no RX buffers, filtered, too big) drops it and counts it.
  */
-import type { ChainReader, ChainWriter } from "../../index.ts";
+import { every, type ChainReader, type ChainWriter, type EventLoop, type LoopTimer } from "../../index.ts";
 import { isMulticast } from "./offload.ts";
 
 /** Per-port counters, as the stats line prints them. */
@@ -128,8 +128,27 @@ export class Switch {
   private readonly macs = new Map<number, MacEntry>();
   /** How long a learned MAC stays without being seen again (ms). */
   agingMs = 300_000;
-  /** The clock, read once per frame (a counted-frames clock never ages out MACs on a quiet switch). */
+  /**
+   * The clock for learning and aging, set by a timer on the switch's loop
+   * (a quarter of the aging time, at most 1 s) instead of read per frame
+   * (performance.now() costs ~50 ns, a fifth of a frame's time).
+   */
   private now = performance.now();
+  private timer: LoopTimer | null = null;
+
+  /** Starts the aging clock on the loop the ports run on (once). */
+  attach(loop: EventLoop): void {
+    if (this.timer !== null) return;
+    this.timer = every(loop, Math.min(1000, Math.max(10, this.agingMs / 4)), () => {
+      this.now = performance.now();
+    });
+  }
+
+  /** Stops the clock (the last port closed). */
+  close(): void {
+    this.timer?.stop();
+    this.timer = null;
+  }
 
   add(p: SwitchPort): void {
     if (!this.ports.includes(p)) this.ports.push(p);
@@ -184,7 +203,6 @@ export class Switch {
    * destination for want of buffers (floods never wait).
    */
   input(from: SwitchPort, f: Frame): boolean {
-    this.now = performance.now();
     if (!isMulticast(f.src)) {
       const e = this.macs.get(f.src);
       if (e === undefined) this.macs.set(f.src, { port: from, seen: this.now });
