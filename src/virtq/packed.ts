@@ -716,8 +716,16 @@ export class PackedQueue implements VirtQueue {
     if (num === this.getBase()) return;
     this.availPos = num & 0x7fff;
     this.availWrap = (num >>> 15) & 1;
-    this.usedPos = (num >>> 16) & 0x7fff;
-    this.usedWrap = num >>> 31;
+    if (num >>> 16 === 0 && (num & 0xffff) !== 0) {
+      // Only the avail half (DPDK's virtio-user sends avail index | wrap << 15 and nothing
+      // above): the used position is the same one, nothing in flight (as DPDK's and
+      // libvhost-user's back-ends read it). (Both halves 0 is a fresh ring: the same.)
+      this.usedPos = this.availPos;
+      this.usedWrap = this.availWrap;
+    } else {
+      this.usedPos = (num >>> 16) & 0x7fff;
+      this.usedWrap = num >>> 31;
+    }
     this.chainLen.fill(0);
     this.inflightDescs = 0;
     this.hold.reset(this.chainLen.length);
