@@ -32,6 +32,10 @@ export interface TestpmdOptions {
   /** Frame size (--txpkts), default 64. */
   size?: number;
   queueSize?: number;
+  /** virtio-user: each port's MAC (mac= devarg), in socket order. */
+  macs?: string[];
+  /** More testpmd application arguments (after `--`), e.g. ["--tx-first"]. */
+  extra?: string[];
 }
 
 /** Counts testpmd printed for a port at exit ("Forward statistics for port N"). */
@@ -61,13 +65,14 @@ export class Testpmd {
     const vdevs = o.sockets.map((s, i) =>
       o.role === "vhost"
         ? `net_vhost${i},iface=${s},queues=${q}`
-        : `net_virtio_user${i},path=${s},queues=${q},queue_size=${o.queueSize ?? 1024}${o.packed ? ",packed_vq=1" : ""}`);
+        : `net_virtio_user${i},path=${s},queues=${q},queue_size=${o.queueSize ?? 1024}${o.packed ? ",packed_vq=1" : ""}${o.macs?.[i] ? `,mac=${o.macs[i]}` : ""}`);
     const args = [
       "--lcores", `0@${o.cpu},1@${o.cpu}`, "--no-huge", "-m", "512", `--file-prefix=${o.prefix}`, "--no-pci",
       ...vdevs.flatMap((v) => ["--vdev", v]),
       "--", `--forward-mode=${o.mode}`, "--auto-start", "--stats-period", "1", "--total-num-mbufs=32768",
       ...(q > 1 ? [`--rxq=${q}`, `--txq=${q}`] : []),
       ...(o.size !== undefined ? [`--txpkts=${o.size}`] : []),
+      ...(o.extra ?? []),
     ];
     return new Testpmd(spawn(TESTPMD, args, { stdio: ["ignore", "pipe", "pipe"] }), args);
   }

@@ -375,6 +375,13 @@ describe("PackedQueue", () => {
     expect(q.inflightDescs).toBe(3);
   });
 
+  test("setBase() with only the avail half (DPDK virtio-user) takes used = avail: nothing in flight", () => {
+    q.setBase(0x8000 | 3);
+    expect([q.availPos, q.availWrap, q.usedPos, q.usedWrap, q.inflightDescs]).toEqual([3, 1, 3, 1, 0]);
+    q.setBase(5);
+    expect([q.availPos, q.availWrap, q.usedPos, q.usedWrap, q.inflightDescs]).toEqual([5, 0, 5, 0, 0]);
+  });
+
   test("setBase() refuses positions past the ring and avail more than a ring ahead of used (RING_ADDR)", () => {
     expect(() => q.setBase(packedBase(8, 1, 0, 1))).toThrow(VirtqError);
     expect(q.broken?.code).toBe("RING_ADDR");
