@@ -56,6 +56,15 @@ export interface Device {
   readonly queues: number;
   /** Largest queue size accepted (a power of two ≤ 32768). */
   readonly queueSize: number;
+  /**
+   * Within one drain of a queue (a kick's worth of chains), publish the
+   * completions every this many (used index stored, the driver notified if
+   * it asks). Default 4: the driver reaps and refills while the device
+   * works, which suits storage (measured: 1.8x IOPS at QD128). 0: once per
+   * drain, one publish and at most one interrupt per burst (network TX,
+   * where a completion only frees a buffer).
+   */
+  readonly publishEvery?: number;
   /** Device-specific feature bits (below bit 24, plus any device bits above 41); ring and transport bits belong to the framework. */
   readonly features: bigint;
   /** The current config space (GET_CONFIG reads a slice of it; the framework checks offset and size). */

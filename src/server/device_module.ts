@@ -203,6 +203,7 @@ export function checkDevice(file: string, d: unknown): asserts d is Device {
   if ((dev.features & TRANSPORT_FEATURES) !== 0n) {
     throw bad("features", "bits 24..41 are transport and ring features: the framework offers them");
   }
+  if (dev.publishEvery !== undefined && !int(dev.publishEvery, 0, 32768)) throw bad("publishEvery", `${String(dev.publishEvery)}: must be an integer in 0..32768 (0: once per drain)`);
   if (typeof dev.config !== "function") throw bad("config", "must be a function returning the config space as a Uint8Array");
   let space: unknown;
   try {

@@ -69,6 +69,8 @@ export class NetPort implements Device, SwitchPort {
   readonly queues: number;
   readonly queueSize: number;
   readonly features: bigint;
+  /** One used-ring publish (and at most one interrupt) per TX burst: a TX completion only frees a buffer. */
+  readonly publishEvery = 0;
   readonly label: string;
   readonly counters = new PortCounters();
   readonly mac: Uint8Array;
