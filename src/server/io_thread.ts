@@ -47,6 +47,7 @@ export class IoThread implements RingChannel {
   private readonly brokenCbs = new Map<number, (e: VirtqError) => void>();
   private nextId = 1;
   private closed = false;
+  private failed = false;
   /** Resolves once the thread has built its device and runs its loop. */
   readonly ready: Promise<void>;
 
@@ -56,6 +57,8 @@ export class IoThread implements RingChannel {
     this.port = port1;
     let readyRes!: () => void, readyRej!: (e: Error) => void;
     this.ready = new Promise((res, rej) => { readyRes = res; readyRej = rej; });
+    // A thread that failed to start runs no loop: close() must not wait for it to answer.
+    this.ready.catch(() => { this.failed = true; });
     this.port.on("message", (m: any) => {
       if (m.event === "ready") return readyRes();
       if (m.event === "failed") return readyRej(new Error(`${name}: ${m.message}`));
@@ -113,7 +116,7 @@ export class IoThread implements RingChannel {
   async close(): Promise<void> {
     if (this.closed) return;
     try {
-      await this.request({ op: "exit" });
+      if (!this.failed) await this.request({ op: "exit" });
     } catch {
       // the thread is gone already
     }

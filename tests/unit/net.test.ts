@@ -670,3 +670,41 @@ describe("net switch on an I/O thread (threads: 1)", () => {
     await stillUnused(C, c1);
   });
 });
+
+describe("net: taps that cannot be opened", () => {
+  const canTap = process.getuid?.() === 0 && require("node:fs").existsSync("/dev/net/tun");
+  test.skipIf(!canTap)("a tap another process holds: the second server exits 1 naming the tap and EBUSY, the first keeps it", async () => {
+    const d = mkdtempSync("/tmp/bvh-nettap-");
+    const tap = `bvbz${process.pid % 10000}`;
+    const cli = (sock: string) => Bun.spawn([process.execPath, "run", join(import.meta.dir, "../../server.ts"), "net", "--socket", sock, "--tap", tap],
+      { stdout: "pipe", stderr: "pipe" });
+    const first = cli(join(d, "a.sock"));
+    try {
+      const reader = first.stdout.getReader();
+      let out = "";
+      while (!/listening on/.test(out)) {
+        const { value, done } = await reader.read();
+        if (done) throw new Error(`first server ended: ${await new Response(first.stderr).text()}`);
+        out += new TextDecoder().decode(value);
+      }
+      const second = cli(join(d, "b.sock"));
+      const code = await second.exited;
+      const err = await new Response(second.stderr).text();
+      expect(code).toBe(1);
+      expect(err).toContain(`TUNSETIFF ${tap}: EBUSY`);
+      expect(first.exitCode).toBeNull();
+    } finally {
+      first.kill("SIGTERM");
+      await first.exited;
+      rmSync(d, { recursive: true, force: true });
+    }
+  }, 30_000);
+
+  test("a bad tap name or the same tap twice is a usage error (exit 2)", async () => {
+    for (const args of [["--tap", "no/slash"], ["--tap", "x0", "--tap", "x0"]]) {
+      const p = Bun.spawn([process.execPath, "run", join(import.meta.dir, "../../server.ts"), "net", "--socket", "/tmp/bvh-never.sock", ...args], { stdout: "pipe", stderr: "pipe" });
+      expect(await p.exited).toBe(2);
+      expect(await new Response(p.stderr).text()).toMatch(/--tap/);
+    }
+  });
+});
