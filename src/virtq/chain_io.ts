@@ -124,6 +124,27 @@ class Cursor {
     }
   }
 
+  /**
+   * Copies between `buf[start..end)` and the next bytes of the chain (into the
+   * chain when `into`), piece by piece, and advances; bounds checked by the caller.
+   * Short runs by a loop (no view allocated), long ones by set().
+   */
+  protected transfer(buf: Uint8Array, start: number, end: number, into: boolean): void {
+    const p = this.pieces;
+    for (let at = start; at < end;) {
+      const take = Math.min(end - at, p.len[this.i]! - this.po);
+      const o = p.off[this.i]! + this.po;
+      const w = p.win[this.i]!;
+      if (take <= 256) {
+        if (into) for (let k = 0; k < take; k++) w[o + k] = buf[at + k]!;
+        else for (let k = 0; k < take; k++) buf[at + k] = w[o + k]!;
+      } else if (into) w.set(buf.subarray(at, at + take), o);
+      else buf.set(w.subarray(o, o + take), at);
+      at += take;
+      this.advance(take);
+    }
+  }
+
   /** Fills the iovec table with the next `n` bytes; returns the entry count. */
   protected iovecs(n: number): number {
     const p = this.pieces;
@@ -180,19 +201,8 @@ export class ChainReader extends Cursor {
 
   /** Copies the next `end - start` bytes into `dst[start..end)` (default: all of `dst`). */
   copyTo(dst: Uint8Array, start = 0, end = dst.length): void {
-    const n = end - start;
-    this.need(n, "copyTo");
-    const p = this.pieces;
-    let done = 0;
-    while (done < n) {
-      const take = Math.min(n - done, p.len[this.i]! - this.po);
-      const o = p.off[this.i]! + this.po;
-      const w = p.win[this.i]!;
-      if (take <= 256) for (let k = 0; k < take; k++) dst[start + done + k] = w[o + k]!;
-      else dst.set(w.subarray(o, o + take), start + done);
-      done += take;
-      this.advance(take);
-    }
+    this.need(end - start, "copyTo");
+    this.transfer(dst, start, end, false);
   }
 
   /**
@@ -260,20 +270,8 @@ export class ChainWriter extends Cursor {
 
   /** Copies `src[start..end)` (default: all of it) into the buffers. */
   copyFrom(src: Uint8Array, start = 0, end = src.length): void {
-    const n = end - start;
-    this.need(n, "copyFrom");
-    const p = this.pieces;
-    let done = 0;
-    while (done < n) {
-      const take = Math.min(n - done, p.len[this.i]! - this.po);
-      const o = p.off[this.i]! + this.po;
-      const w = p.win[this.i]!;
-      const s0 = start + done;
-      if (take <= 256) for (let k = 0; k < take; k++) w[o + k] = src[s0 + k]!;
-      else w.set(src.subarray(s0, s0 + take), o);
-      done += take;
-      this.advance(take);
-    }
+    this.need(end - start, "copyFrom");
+    this.transfer(src, start, end, true);
   }
 
   /**
