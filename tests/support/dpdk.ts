@@ -14,7 +14,7 @@ export const TESTPMD = "dpdk-testpmd";
 /** Why DPDK tests cannot run here, or null. */
 export function testpmdSkipReason(): string | null {
   const r = spawnSync("sh", ["-c", `command -v ${TESTPMD}`], { encoding: "utf8" });
-  if (r.status !== 0) return "dpdk-testpmd not installed (apt-get install dpdk)";
+  if (r.status !== 0) return "dpdk-testpmd not installed (apt-get install dpdk-dev librte-net-vhost23 librte-net-virtio23)";
   return null;
 }
 
