@@ -60,6 +60,32 @@ export const libc = dlopen(path, {
   writev: { args: ["i32", "ptr", "i32"], returns: i64f },
   // Guest memory to guest memory (both mapped here): one call beats a JS byte loop from ~16 bytes.
   memcpy: { args: ["ptr", "ptr", FFIType.u64_fast], returns: "ptr" },
+
+  // Filesystems (virtio-fs): the *at family, relative to O_PATH directory fds.
+  openat: { args: ["i32", "ptr", "i32", "u32"], returns: "i32" },
+  mkdirat: { args: ["i32", "ptr", "u32"], returns: "i32" },
+  mknodat: { args: ["i32", "ptr", "u32", i64f], returns: "i32" },
+  symlinkat: { args: ["ptr", "i32", "ptr"], returns: "i32" },
+  readlinkat: { args: ["i32", "ptr", "ptr", "usize"], returns: i64f },
+  unlinkat: { args: ["i32", "ptr", "i32"], returns: "i32" },
+  linkat: { args: ["i32", "ptr", "i32", "ptr", "i32"], returns: "i32" },
+  fchmodat: { args: ["i32", "ptr", "u32", "i32"], returns: "i32" },
+  fchmod: { args: ["i32", "u32"], returns: "i32" },
+  fchownat: { args: ["i32", "ptr", "u32", "u32", "i32"], returns: "i32" },
+  utimensat: { args: ["i32", "ptr", "ptr", "i32"], returns: "i32" },
+  syncfs: { args: ["i32"], returns: "i32" },
+  // f*xattr need an fd opened for I/O (EBADF on O_PATH); the path forms serve /proc/self/fd/N.
+  fgetxattr: { args: ["i32", "ptr", "ptr", "usize"], returns: i64f },
+  fsetxattr: { args: ["i32", "ptr", "ptr", "usize", "i32"], returns: "i32" },
+  flistxattr: { args: ["i32", "ptr", "usize"], returns: i64f },
+  fremovexattr: { args: ["i32", "ptr"], returns: "i32" },
+  getxattr: { args: ["ptr", "ptr", "ptr", "usize"], returns: i64f },
+  setxattr: { args: ["ptr", "ptr", "ptr", "usize", "i32"], returns: "i32" },
+  listxattr: { args: ["ptr", "ptr", "usize"], returns: i64f },
+  removexattr: { args: ["ptr", "ptr"], returns: "i32" },
+  // syscall(2) for calls glibc lacks or added late (SYS_* in constants.ts): every argument is
+  // a number; pointers are addresses (ptr() of a buffer), so one declaration serves them all.
+  syscall: { args: [i64f, i64f, i64f, i64f, i64f, i64f, i64f], returns: i64f },
 });
 
 /**

@@ -502,3 +502,543 @@ export function timerfd(intervalMs: number): number {
   }
   return fd;
 }
+
+// ---- filesystems: the *at calls on O_PATH fds (virtio-fs) ---------------------------
+//
+// Raw variants return the result or -errno (EINTR retried where a call can block) and
+// allocate nothing: the virtio-fs device turns -errno into its FUSE reply. Paths are
+// NUL-terminated byte strings (CStr) whose last byte must be 0, checked on every call: a
+// missing terminator would let the kernel read past the buffer. The throwing variants
+// take JS strings and allocate; use them for setup and tests.
+//
+// What an O_PATH fd accepts (measured on Linux 6.18; see tests/unit/host_fs.test.ts):
+// statx/fchownat/utimensat/linkat/readlinkat with "" + AT_EMPTY_PATH, fchmodat2 with
+// AT_EMPTY_PATH (Linux ≥ 6.6; glibc's fchmodat refuses the flag with EINVAL), fstatfs, and
+// use as the dirfd of any *at call. EBADF: fchmod, ftruncate, fsync, syncfs, getdents64,
+// f*xattr, and getxattrat(2) with AT_EMPTY_PATH. Those need a real fd, reopened through
+// /proc/self/fd/N, or for xattrs the path "/proc/self/fd/N" with getxattr() (which acts on
+// the fd's inode, a symlink's own inode included); lgetxattr() on that path would act on
+// the proc link itself.
+
+import { EINVAL } from "./errno.ts";
+
+/** A NUL-terminated byte string; the first 0 ends it and the last byte must be 0. */
+export type CStr = Uint8Array;
+
+/** `s` as a CStr (allocates). */
+export function cstring(s: string): CStr {
+  return cstr(s);
+}
+
+/** "": with AT_EMPTY_PATH the *at calls act on the dirfd itself. */
+export const EMPTY_PATH: CStr = new Uint8Array(1);
+
+const unterminated = (p: CStr) => p.byteLength === 0 || p[p.byteLength - 1] !== 0;
+/** `r`, or -errno when the call failed; errno is read right after the call returned `r`. */
+const orErrno = (r: number) => (r >= 0 ? r : -errno());
+const orThrow = (name: string, r: number, detail = "") => {
+  if (r < 0) throw new ErrnoError(name, -r, detail);
+  return r;
+};
+const dec = new TextDecoder();
+
+// Scratch memory for structs handed to the kernel by address (open_how, statx, timespecs,
+// copy_file_range offsets). Calls are synchronous and one thread owns this module's state.
+const fsScratch = Pinned.alloc(4096);
+const HOW_OFF = 0, TIMES_OFF = 32, CFR_OFF = 64, STATX_OFF = 256, STATX_SIZE = 256;
+
+function putU64(dv: DataView, off: number, v: number): void {
+  const hi = Math.floor(v / 2 ** 32);
+  dv.setUint32(off, v - hi * 2 ** 32, true);
+  dv.setInt32(off + 4, hi, true);
+}
+
+/** openat(2) with O_CLOEXEC added: the fd, or -errno. */
+export function openatRaw(dirfd: number, path: CStr, flags: number, mode = 0): number {
+  if (unterminated(path)) return -EINVAL;
+  for (;;) {
+    const r = sym.openat(dirfd, path, flags | C.O_CLOEXEC, mode);
+    if (r >= 0) return r;
+    const e = errno();
+    if (e !== EINTR) return -e;
+  }
+}
+
+export function openat(dirfd: number, path: string, flags: number, mode = 0o644): number {
+  return orThrow("openat", openatRaw(dirfd, cstr(path), flags, mode), path);
+}
+
+/**
+ * openat2(2) (Linux ≥ 5.6) with O_CLOEXEC added: struct open_how { flags, mode, resolve }.
+ * -ENOSYS on older kernels. RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+ * keeps the walk below `dirfd` and refuses every symlink on it (the last component too,
+ * unless `flags` has O_PATH | O_NOFOLLOW, which opens a final symlink as itself).
+ */
+export function openat2Raw(dirfd: number, path: CStr, flags: number, mode: number, resolve: number): number {
+  if (unterminated(path)) return -EINVAL;
+  const dv = fsScratch.dv;
+  putU64(dv, HOW_OFF, flags | C.O_CLOEXEC);
+  putU64(dv, HOW_OFF + 8, mode);
+  putU64(dv, HOW_OFF + 16, resolve);
+  for (;;) {
+    const r = sym.syscall(C.SYS_openat2, dirfd, ptrOf(path), fsScratch.ptr + HOW_OFF, C.OPEN_HOW_SIZE, 0, 0);
+    if (r >= 0) return r;
+    const e = errno();
+    if (e !== EINTR) return -e;
+  }
+}
+
+export function openat2(dirfd: number, path: string, flags: number, mode: number, resolve: number): number {
+  return orThrow("openat2", openat2Raw(dirfd, cstr(path), flags, mode, resolve), path);
+}
+
+/**
+ * struct statx decoded into numbers; one object is reused call after call. u64 fields that
+ * leave the process exactly (ino) also come as u32 halves; sizes, blocks and times are
+ * numbers (exact below 2^53 bytes / seconds).
+ */
+export class Statx {
+  /** STATX_* bits the kernel filled. */
+  mask = 0;
+  mode = 0;
+  nlink = 0;
+  uid = 0;
+  gid = 0;
+  blksize = 0;
+  ino = 0;
+  inoLo = 0;
+  inoHi = 0;
+  size = 0;
+  blocks = 0;
+  atimeSec = 0;
+  atimeNsec = 0;
+  mtimeSec = 0;
+  mtimeNsec = 0;
+  ctimeSec = 0;
+  ctimeNsec = 0;
+  rdevMajor = 0;
+  rdevMinor = 0;
+  devMajor = 0;
+  devMinor = 0;
+  mntId = 0;
+
+  /** mode & S_IFMT */
+  get type(): number {
+    return this.mode & 0o170000;
+  }
+  /** st_dev as glibc's makedev() encodes it. */
+  get dev(): number {
+    return makedev(this.devMajor, this.devMinor);
+  }
+  get rdev(): number {
+    return makedev(this.rdevMajor, this.rdevMinor);
+  }
+  /** Same device and inode number: the same file. */
+  sameInode(o: Statx): boolean {
+    return this.inoLo === o.inoLo && this.inoHi === o.inoHi && this.devMajor === o.devMajor && this.devMinor === o.devMinor;
+  }
+  copyFrom(o: Statx): this {
+    Object.assign(this, o);
+    return this;
+  }
+}
+
+/** glibc makedev(): minor low 8 bits, major 12 bits, minor next 12, major the rest; as a number. */
+function makedev(major: number, minor: number): number {
+  return (minor & 0xff) + (major & 0xfff) * 2 ** 8 + (minor >>> 8) * 2 ** 20 + (major >>> 12) * 2 ** 44;
+}
+
+function decodeStatx(dv: DataView, b: number, o: Statx): void {
+  const u64 = (off: number) => dv.getUint32(b + off, true) + dv.getUint32(b + off + 4, true) * 2 ** 32;
+  const s64 = (off: number) => dv.getUint32(b + off, true) + dv.getInt32(b + off + 4, true) * 2 ** 32;
+  o.mask = dv.getUint32(b, true);
+  o.blksize = dv.getUint32(b + 4, true);
+  o.nlink = dv.getUint32(b + 16, true);
+  o.uid = dv.getUint32(b + 20, true);
+  o.gid = dv.getUint32(b + 24, true);
+  o.mode = dv.getUint16(b + 28, true);
+  o.inoLo = dv.getUint32(b + 32, true);
+  o.inoHi = dv.getUint32(b + 36, true);
+  o.ino = o.inoLo + o.inoHi * 2 ** 32;
+  o.size = u64(40);
+  o.blocks = u64(48);
+  o.atimeSec = s64(64);
+  o.atimeNsec = dv.getUint32(b + 72, true);
+  o.ctimeSec = s64(96);
+  o.ctimeNsec = dv.getUint32(b + 104, true);
+  o.mtimeSec = s64(112);
+  o.mtimeNsec = dv.getUint32(b + 120, true);
+  o.rdevMajor = dv.getUint32(b + 128, true);
+  o.rdevMinor = dv.getUint32(b + 132, true);
+  o.devMajor = dv.getUint32(b + 136, true);
+  o.devMinor = dv.getUint32(b + 140, true);
+  o.mntId = u64(144);
+}
+
+/** statx(2) into `out`: 0 or -errno. */
+export function statxRaw(dirfd: number, path: CStr, flags: number, mask: number, out: Statx): number {
+  if (unterminated(path)) return -EINVAL;
+  const r = sym.syscall(C.SYS_statx, dirfd, ptrOf(path), flags, mask, fsScratch.ptr + STATX_OFF, 0);
+  if (r < 0) return -errno();
+  decodeStatx(fsScratch.dv, STATX_OFF, out);
+  return 0;
+}
+
+/** statx of the fd itself (an O_PATH fd of a symlink describes the symlink): 0 or -errno. */
+export function fstatxRaw(fd: number, out: Statx, mask = C.STATX_BASIC_STATS | C.STATX_MNT_ID): number {
+  return statxRaw(fd, EMPTY_PATH, C.AT_EMPTY_PATH | C.AT_SYMLINK_NOFOLLOW, mask, out);
+}
+
+export function statx(dirfd: number, path: string, flags = C.AT_SYMLINK_NOFOLLOW, out = new Statx()): Statx {
+  orThrow("statx", statxRaw(dirfd, cstr(path), flags, C.STATX_BASIC_STATS | C.STATX_MNT_ID, out), path);
+  return out;
+}
+
+export function mkdiratRaw(dirfd: number, path: CStr, mode: number): number {
+  if (unterminated(path)) return -EINVAL;
+  return orErrno(sym.mkdirat(dirfd, path, mode));
+}
+
+export function mkdirat(dirfd: number, path: string, mode = 0o755): void {
+  orThrow("mkdirat", mkdiratRaw(dirfd, cstr(path), mode), path);
+}
+
+/** mknodat(2): `mode` carries the file type (S_IFIFO, S_IFSOCK, S_IFREG, S_IFCHR, S_IFBLK). */
+export function mknodatRaw(dirfd: number, path: CStr, mode: number, dev = 0): number {
+  if (unterminated(path)) return -EINVAL;
+  return orErrno(sym.mknodat(dirfd, path, mode, dev));
+}
+
+/** symlinkat(2): a link at dirfd/path holding `target` (stored as given, never resolved here). */
+export function symlinkatRaw(target: CStr, dirfd: number, path: CStr): number {
+  if (unterminated(target) || unterminated(path)) return -EINVAL;
+  return orErrno(sym.symlinkat(target, dirfd, path));
+}
+
+export function symlinkat(target: string, dirfd: number, path: string): void {
+  orThrow("symlinkat", symlinkatRaw(cstr(target), dirfd, cstr(path)), path);
+}
+
+/** readlinkat(2) into `buf` (no NUL added): the length, or -errno; a full buffer may mean truncation. */
+export function readlinkatRaw(dirfd: number, path: CStr, buf: Uint8Array): number {
+  if (unterminated(path)) return -EINVAL;
+  return orErrno(sym.readlinkat(dirfd, path, buf, buf.byteLength));
+}
+
+export function readlinkat(dirfd: number, path: string): string {
+  const buf = new Uint8Array(C.PATH_MAX);
+  const n = orThrow("readlinkat", readlinkatRaw(dirfd, cstr(path), buf), path);
+  return dec.decode(buf.subarray(0, n));
+}
+
+/** unlinkat(2); AT_REMOVEDIR removes an empty directory. */
+export function unlinkatRaw(dirfd: number, path: CStr, flags: number): number {
+  if (unterminated(path)) return -EINVAL;
+  return orErrno(sym.unlinkat(dirfd, path, flags));
+}
+
+export function unlinkat(dirfd: number, path: string, flags = 0): void {
+  orThrow("unlinkat", unlinkatRaw(dirfd, cstr(path), flags), path);
+}
+
+/** renameat2(2) (Linux ≥ 3.15): RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT. */
+export function renameat2Raw(olddirfd: number, oldpath: CStr, newdirfd: number, newpath: CStr, flags: number): number {
+  if (unterminated(oldpath) || unterminated(newpath)) return -EINVAL;
+  return orErrno(sym.syscall(C.SYS_renameat2, olddirfd, ptrOf(oldpath), newdirfd, ptrOf(newpath), flags, 0));
+}
+
+export function renameat2(olddirfd: number, oldpath: string, newdirfd: number, newpath: string, flags = 0): void {
+  orThrow("renameat2", renameat2Raw(olddirfd, cstr(oldpath), newdirfd, cstr(newpath), flags), `${oldpath} -> ${newpath}`);
+}
+
+/**
+ * linkat(2). With "" and AT_EMPTY_PATH it links the inode of `olddirfd` (needs
+ * CAP_DAC_READ_SEARCH; -ENOENT without it); AT_SYMLINK_FOLLOW on "/proc/self/fd/N" does the
+ * same without the capability.
+ */
+export function linkatRaw(olddirfd: number, oldpath: CStr, newdirfd: number, newpath: CStr, flags: number): number {
+  if (unterminated(oldpath) || unterminated(newpath)) return -EINVAL;
+  return orErrno(sym.linkat(olddirfd, oldpath, newdirfd, newpath, flags));
+}
+
+/**
+ * fchmodat(2). With flags (AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW) it is fchmodat2 (Linux ≥ 6.6;
+ * -ENOSYS before); a symlink's mode cannot change (-EOPNOTSUPP).
+ */
+export function fchmodatRaw(dirfd: number, path: CStr, mode: number, flags: number): number {
+  if (unterminated(path)) return -EINVAL;
+  if (flags === 0) return orErrno(sym.fchmodat(dirfd, path, mode, 0));
+  return orErrno(sym.syscall(C.SYS_fchmodat2, dirfd, ptrOf(path), mode, flags, 0, 0));
+}
+
+/** fchmod(2) of an fd opened for I/O (-EBADF on O_PATH). */
+export function fchmodRaw(fd: number, mode: number): number {
+  return orErrno(sym.fchmod(fd, mode));
+}
+
+/** fchownat(2); -1 leaves the uid or gid as it is. */
+export function fchownatRaw(dirfd: number, path: CStr, uid: number, gid: number, flags: number): number {
+  if (unterminated(path)) return -EINVAL;
+  return orErrno(sym.fchownat(dirfd, path, uid >>> 0, gid >>> 0, flags));
+}
+
+/** utimensat(2): a nanosecond field may be UTIME_NOW (its seconds ignored) or UTIME_OMIT. */
+export function utimensatRaw(
+  dirfd: number, path: CStr, atimeSec: number, atimeNsec: number, mtimeSec: number, mtimeNsec: number, flags: number,
+): number {
+  if (unterminated(path)) return -EINVAL;
+  const dv = fsScratch.dv;
+  putU64(dv, TIMES_OFF, atimeSec);
+  putU64(dv, TIMES_OFF + 8, atimeNsec);
+  putU64(dv, TIMES_OFF + 16, mtimeSec);
+  putU64(dv, TIMES_OFF + 24, mtimeNsec);
+  return orErrno(sym.utimensat(dirfd, path, fsScratch.ptr + TIMES_OFF, flags));
+}
+
+export function ftruncateRaw(fd: number, size: number): number {
+  for (;;) {
+    const r = sym.ftruncate(fd, size);
+    if (r >= 0) return r;
+    const e = errno();
+    if (e !== EINTR) return -e;
+  }
+}
+
+/**
+ * lseek(2): the new offset, or -errno (SEEK_DATA/SEEK_HOLE past the data: -ENXIO). A
+ * directory offset is an opaque cookie of up to 63 bits (ext4 hashes): pass it as a bigint
+ * when it is 2^53 or more.
+ */
+export function lseekRaw(fd: number, off: number | bigint, whence: number): number {
+  return orErrno(sym.lseek(fd, off, whence));
+}
+
+/**
+ * copy_file_range(2): bytes copied, or -errno. An offset of -1 means "the fd's file
+ * position" (NULL); explicit offsets are not written back.
+ */
+export function copyFileRangeRaw(fdIn: number, offIn: number, fdOut: number, offOut: number, len: number, flags = 0): number {
+  const dv = fsScratch.dv;
+  putU64(dv, CFR_OFF, offIn);
+  putU64(dv, CFR_OFF + 8, offOut);
+  const pIn = offIn < 0 ? 0 : fsScratch.ptr + CFR_OFF;
+  const pOut = offOut < 0 ? 0 : fsScratch.ptr + CFR_OFF + 8;
+  for (;;) {
+    const r = sym.syscall(C.SYS_copy_file_range, fdIn, pIn, fdOut, pOut, len, flags);
+    if (r >= 0) return r;
+    const e = errno();
+    if (e !== EINTR) return -e;
+  }
+}
+
+/** struct statfs (LP64), decoded; one object is reused. */
+export class Statfs {
+  type = 0;
+  bsize = 0;
+  blocks = 0;
+  bfree = 0;
+  bavail = 0;
+  files = 0;
+  ffree = 0;
+  namelen = 0;
+  frsize = 0;
+  flags = 0;
+}
+
+const statfsOut = new Uint8Array(120);
+const statfsOutDv = new DataView(statfsOut.buffer);
+
+/** fstatfs(2) into `out` (an O_PATH fd will do): 0 or -errno. */
+export function fstatfsRaw(fd: number, out: Statfs): number {
+  const r = sym.fstatfs(fd, statfsOut);
+  if (r < 0) return -errno();
+  const dv = statfsOutDv;
+  const u64 = (off: number) => dv.getUint32(off, true) + dv.getUint32(off + 4, true) * 2 ** 32;
+  out.type = u64(0);
+  out.bsize = u64(8);
+  out.blocks = u64(16);
+  out.bfree = u64(24);
+  out.bavail = u64(32);
+  out.files = u64(40);
+  out.ffree = u64(48);
+  out.namelen = u64(64);
+  out.frsize = u64(72);
+  out.flags = u64(80);
+  return 0;
+}
+
+export function statfs(fd: number, out = new Statfs()): Statfs {
+  orThrow("fstatfs", fstatfsRaw(fd, out), `fd ${fd}`);
+  return out;
+}
+
+// struct linux_dirent64: u64 d_ino, s64 d_off, u16 d_reclen, u8 d_type, char d_name[] (NUL-terminated).
+const DIRENT_OFF = 8, DIRENT_RECLEN = 16, DIRENT_TYPE = 18, DIRENT_NAME = 19;
+
+/**
+ * A reusable getdents64 buffer and a cursor over the entries it holds. `off` of an entry is
+ * the position just after it: seek there (lseekRaw) to resume with the next entry. Offsets
+ * are cookies of up to 63 bits, so they come as u32 halves too.
+ * @example
+ * const d = new Dirents();
+ * while (getdents64Raw(dirFd, d) > 0) while (d.next()) console.log(d.name(), d.type);
+ */
+export class Dirents {
+  readonly buf: Uint8Array;
+  private readonly dv: DataView;
+  private end = 0;
+  private pos = 0;
+  inoLo = 0;
+  inoHi = 0;
+  offLo = 0;
+  offHi = 0;
+  /** DT_* */
+  type = 0;
+  /** The current name is buf[nameOff, nameOff + nameLen). */
+  nameOff = 0;
+  nameLen = 0;
+
+  /** `size` ≥ 280 holds the longest entry (19 + NAME_MAX + NUL, 8-aligned); getdents64 says EINVAL below that. */
+  constructor(size = 32768) {
+    this.buf = new Uint8Array(size);
+    this.dv = new DataView(this.buf.buffer);
+  }
+  /** Makes the first `n` bytes of `buf` the entries to walk (getdents64Raw calls it). */
+  reset(n: number): void {
+    this.end = n > 0 ? n : 0;
+    this.pos = 0;
+  }
+  /** Steps to the next entry; false when the buffer is used up. */
+  next(): boolean {
+    const p = this.pos;
+    if (p + DIRENT_NAME >= this.end) return false;
+    const dv = this.dv;
+    const reclen = dv.getUint16(p + DIRENT_RECLEN, true);
+    if (reclen <= DIRENT_NAME || p + reclen > this.end) return false; // never from the kernel
+    this.inoLo = dv.getUint32(p, true);
+    this.inoHi = dv.getUint32(p + 4, true);
+    this.offLo = dv.getUint32(p + DIRENT_OFF, true);
+    this.offHi = dv.getUint32(p + DIRENT_OFF + 4, true);
+    this.type = this.buf[p + DIRENT_TYPE]!;
+    this.nameOff = p + DIRENT_NAME;
+    const nul = this.buf.indexOf(0, this.nameOff);
+    this.nameLen = (nul < 0 || nul > p + reclen ? p + reclen : nul) - this.nameOff;
+    this.pos = p + reclen;
+    return true;
+  }
+  get ino(): number {
+    return this.inoLo + this.inoHi * 2 ** 32;
+  }
+  /** The resume offset as a number when below 2^53, else as a bigint (for lseekRaw). */
+  get off(): number | bigint {
+    return this.offHi < 2 ** 21 ? this.offLo + this.offHi * 2 ** 32 : (BigInt(this.offHi) << 32n) | BigInt(this.offLo);
+  }
+  /** "." or "..". */
+  get isDot(): boolean {
+    const b = this.buf, o = this.nameOff, n = this.nameLen;
+    return b[o] === 0x2e && (n === 1 || (n === 2 && b[o + 1] === 0x2e));
+  }
+  /** The name's bytes, a view valid until the next fill. */
+  nameBytes(): Uint8Array {
+    return this.buf.subarray(this.nameOff, this.nameOff + this.nameLen);
+  }
+  /** The name decoded as UTF-8 (allocates). */
+  name(): string {
+    return dec.decode(this.nameBytes());
+  }
+}
+
+/** getdents64(2) from the fd's position into `d`: bytes read (0 at the end), or -errno. */
+export function getdents64Raw(fd: number, d: Dirents): number {
+  const r = sym.syscall(C.SYS_getdents64, fd, ptrOf(d.buf), d.buf.byteLength, 0, 0, 0);
+  if (r < 0) {
+    d.reset(0);
+    return -errno();
+  }
+  d.reset(r);
+  return r;
+}
+
+/** fgetxattr(2) of an fd opened for I/O; `buf` null asks for the size. Bytes, or -errno. */
+export function fgetxattrRaw(fd: number, name: CStr, buf: Uint8Array | null): number {
+  if (unterminated(name)) return -EINVAL;
+  return orErrno(sym.fgetxattr(fd, name, buf, buf ? buf.byteLength : 0));
+}
+
+/** getxattr(2) by path, following a final symlink; on "/proc/self/fd/N" the fd's own inode. */
+export function getxattrRaw(path: CStr, name: CStr, buf: Uint8Array | null): number {
+  if (unterminated(path) || unterminated(name)) return -EINVAL;
+  return orErrno(sym.getxattr(path, name, buf, buf ? buf.byteLength : 0));
+}
+
+/** fsetxattr(2); flags XATTR_CREATE / XATTR_REPLACE. 0 or -errno. */
+export function fsetxattrRaw(fd: number, name: CStr, value: Uint8Array, flags: number): number {
+  if (unterminated(name)) return -EINVAL;
+  return orErrno(sym.fsetxattr(fd, name, value, value.byteLength, flags));
+}
+
+export function setxattrRaw(path: CStr, name: CStr, value: Uint8Array, flags: number): number {
+  if (unterminated(path) || unterminated(name)) return -EINVAL;
+  return orErrno(sym.setxattr(path, name, value, value.byteLength, flags));
+}
+
+/** flistxattr(2): NUL-separated names into `buf` (null: the size needed). Bytes, or -errno. */
+export function flistxattrRaw(fd: number, buf: Uint8Array | null): number {
+  return orErrno(sym.flistxattr(fd, buf, buf ? buf.byteLength : 0));
+}
+
+export function listxattrRaw(path: CStr, buf: Uint8Array | null): number {
+  if (unterminated(path)) return -EINVAL;
+  return orErrno(sym.listxattr(path, buf, buf ? buf.byteLength : 0));
+}
+
+export function fremovexattrRaw(fd: number, name: CStr): number {
+  if (unterminated(name)) return -EINVAL;
+  return orErrno(sym.fremovexattr(fd, name));
+}
+
+export function removexattrRaw(path: CStr, name: CStr): number {
+  if (unterminated(path) || unterminated(name)) return -EINVAL;
+  return orErrno(sym.removexattr(path, name));
+}
+
+export function fsyncRaw(fd: number): number {
+  for (;;) {
+    const r = sym.fsync(fd);
+    if (r >= 0) return r;
+    const e = errno();
+    if (e !== EINTR) return -e;
+  }
+}
+
+export function fdatasyncRaw(fd: number): number {
+  for (;;) {
+    const r = sym.fdatasync(fd);
+    if (r >= 0) return r;
+    const e = errno();
+    if (e !== EINTR) return -e;
+  }
+}
+
+/** syncfs(2): flushes the filesystem holding the fd (an fd opened for I/O; -EBADF on O_PATH). */
+export function syncfsRaw(fd: number): number {
+  return orErrno(sym.syncfs(fd));
+}
+
+/** dup with FD_CLOEXEC (fcntl F_DUPFD_CLOEXEC): the new fd, or -errno. Works on O_PATH fds. */
+export function dupRaw(fd: number): number {
+  return orErrno(sym.fcntl(fd, C.F_DUPFD_CLOEXEC, 0));
+}
+
+/** fcntl(F_GETFL): the open flags (O_PATH among them for an O_PATH fd), or -errno. */
+export function getflRaw(fd: number): number {
+  return orErrno(sym.fcntl(fd, C.F_GETFL, 0));
+}
+
+/** close(2): 0, or -errno; EINTR counts as closed (Linux always releases the fd). */
+export function closeRaw(fd: number): number {
+  const r = sym.close(fd);
+  if (r >= 0) return 0;
+  const e = errno();
+  return e === EINTR ? 0 : -e;
+}

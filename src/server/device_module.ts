@@ -25,6 +25,7 @@ export const BUILTIN_DEVICES: Readonly<Record<string, string>> = {
   rng: resolve(PACKAGE_ROOT, "src/devices/rng.ts"),
   input: resolve(PACKAGE_ROOT, "src/devices/input.ts"),
   net: resolve(PACKAGE_ROOT, "src/devices/net.ts"),
+  fs: resolve(PACKAGE_ROOT, "src/devices/fs.ts"),
 };
 
 /** A device module or device that cannot be used, naming the module and the field. */

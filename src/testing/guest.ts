@@ -76,6 +76,7 @@ export const GUEST_DRIVERS: Readonly<Record<number, readonly string[]>> = {
   2: ["virtio_blk"],
   4: ["virtio_rng"],
   18: ["virtio_input", "evdev"],
+  26: ["virtiofs"],
 };
 
 /** Shell functions every test script can use. */

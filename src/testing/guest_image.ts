@@ -44,6 +44,7 @@ export const GUEST_MODULES: readonly string[] = [
   "kernel/drivers/virtio/virtio_input",
   "kernel/drivers/input/evdev",
   "kernel/drivers/net/virtio_net", // with net/core/failover and drivers/net/net_failover
+  "kernel/fs/fuse/virtiofs", // with fs/fuse/fuse
 ];
 
 /** What /init loads when a run names no modules: the virtio-blk disk and ext2/ext4. */

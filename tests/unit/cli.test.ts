@@ -120,6 +120,6 @@ export default (o: { greeting: string }, ctx: { thread: string }): Device => ({ 
   test("a missing device file or unknown built-in exits 1 listing the built-ins", () => {
     const r = run(["nosuchdevice"]);
     expect(r.code).toBe(1);
-    expect(r.err).toContain("nosuchdevice: path: no such file (built-in devices: blk, rng, input, net)");
+    expect(r.err).toContain("nosuchdevice: path: no such file (built-in devices: blk, rng, input, net, fs)");
   });
 });

@@ -80,6 +80,22 @@ describe("MemoryFs", () => {
     expect(fs.lookup(d.ino + 1, "x")).toBe(-E.NOTDIR);
   });
 
+  test("readdir resumed after entries were removed neither skips nor repeats (rm -r deletes while it reads)", () => {
+    const fs = new MemoryFs();
+    for (let i = 0; i < 50; i++) fs.create(1, `f${i}`, 0o600, 0, who);
+    const seen: string[] = [];
+    let next = 0;
+    for (;;) {
+      const batch: string[] = [];
+      fs.readdir(1, next, (n, _i, _t, nx) => (batch.push(n), (next = nx), batch.length < 7));
+      if (batch.length === 0) break;
+      for (const n of batch) if (n !== "." && n !== "..") { seen.push(n); expect(fs.unlink(1, n)).toBe(0); }
+    }
+    expect(seen.length).toBe(50);
+    expect(new Set(seen).size).toBe(50);
+    expect(names(fs, 1)).toEqual([".", ".."]);
+  });
+
   test("rename: plain, over a file, NOREPLACE, EXCHANGE, into itself refused; link counts", () => {
     const fs = new MemoryFs();
     const a = st(fs.mkdir(1, "a", 0o755, who)), b = st(fs.mkdir(1, "b", 0o755, who));

@@ -17,6 +17,13 @@ interface Node {
   stat: FsStat;
   /** Directories: name → inode, in creation order. */
   children: Map<string, number> | null;
+  /**
+   * Directories: each name's readdir cookie, given once at insertion and
+   * never reused, so that a listing resumed after entries were removed (rm -r
+   * deletes while it reads) neither skips nor repeats a name.
+   */
+  cookies: Map<string, number> | null;
+  nextCookie: number;
   /** Regular files: the bytes (capacity may exceed stat.size). */
   data: Uint8Array | null;
   target: string | null;
@@ -66,7 +73,7 @@ export class MemoryFs implements FsBackend {
         ino, mode, nlink: isDir ? 2 : 1, uid: who.uid, gid: who.gid, rdev: 0, size: 0, blocks: 0, blksize: BLOCK,
         atimeSec: t.sec, atimeNsec: t.nsec, mtimeSec: t.sec, mtimeNsec: t.nsec, ctimeSec: t.sec, ctimeNsec: t.nsec,
       },
-      children: isDir ? new Map() : null, data: null, target: null, lookups: 0, opens: 0,
+      children: isDir ? new Map() : null, cookies: isDir ? new Map() : null, nextCookie: 3, data: null, target: null, lookups: 0, opens: 0,
     };
   }
 
@@ -206,6 +213,16 @@ export class MemoryFs implements FsBackend {
     return size;
   }
 
+  private enter(d: Node, name: string, ino: number): void {
+    d.children!.set(name, ino);
+    d.cookies!.set(name, d.nextCookie++);
+  }
+
+  private leave(d: Node, name: string): void {
+    d.children!.delete(name);
+    d.cookies!.delete(name);
+  }
+
   private add(parent: number, name: string, mode: number, who: Caller): Node | number {
     const d = this.dir(parent);
     if (typeof d === "number") return d;
@@ -213,7 +230,7 @@ export class MemoryFs implements FsBackend {
     if (this.nodes.size >= this.maxInodes) return -E.NOSPC;
     const n = this.node(this.nextIno++, mode, who);
     this.nodes.set(n.stat.ino, n);
-    d.children!.set(name, n.stat.ino);
+    this.enter(d, name, n.stat.ino);
     if (n.children !== null) d.stat.nlink++;
     this.touch(d);
     return n;
@@ -255,7 +272,7 @@ export class MemoryFs implements FsBackend {
     const d = this.dir(parent);
     if (typeof d === "number") return d;
     if (d.children!.has(name)) return -E.EXIST;
-    d.children!.set(name, ino);
+    this.enter(d, name, ino);
     n.stat.nlink++;
     this.touch(n, false, true);
     this.touch(d);
@@ -272,7 +289,7 @@ export class MemoryFs implements FsBackend {
     if (wantDir && !isDir) return -E.NOTDIR;
     if (!wantDir && isDir) return -E.ISDIR;
     if (isDir && n.children!.size > 0) return -E.NOTEMPTY;
-    d.children!.delete(name);
+    this.leave(d, name);
     if (isDir) {
       d.stat.nlink--;
       n.stat.nlink = 0;
@@ -316,6 +333,7 @@ export class MemoryFs implements FsBackend {
       if (o.children !== null && this.within(other, parent)) return -E.INVAL;
       from.children!.set(name, other);
       to.children!.set(newName, ino);
+      // Each name keeps its place (and cookie): only what it points to changed.
       if ((n.children !== null) !== (o.children !== null) && from !== to) {
         const dn = n.children !== null ? 1 : -1;
         from.stat.nlink -= dn;
@@ -334,8 +352,8 @@ export class MemoryFs implements FsBackend {
       const r = this.removeName(newParent, newName, o.children !== null);
       if (r < 0) return r;
     }
-    from.children!.delete(name);
-    to.children!.set(newName, ino);
+    this.leave(from, name);
+    this.enter(to, newName, ino);
     if (n.children !== null && from !== to) {
       from.stat.nlink--;
       to.stat.nlink++;
@@ -349,13 +367,14 @@ export class MemoryFs implements FsBackend {
   readdir(ino: number, offset: number, emit: DirEmit): number {
     const d = this.dir(ino);
     if (typeof d === "number") return d;
-    const names = [".", "..", ...d.children!.keys()];
-    for (let i = offset; i < names.length; i++) {
-      const name = names[i]!;
-      // ".." carries this directory's own number: the kernel does not use it (it knows the parent).
-      const child = i < 2 ? ino : d.children!.get(name)!;
-      const mode = i < 2 ? S_IFDIR : this.get(child)!.stat.mode;
-      if (!emit(name, child, (mode & S_IFMT) >> 12, i + 1)) break;
+    // Offsets: "." is 1, ".." is 2, an entry its cookie (≥ 3); resume after `offset`.
+    // ".." carries this directory's own number: the kernel does not use it (it knows the parent).
+    if (offset < 1 && !emit(".", ino, S_IFDIR >> 12, 1)) return 0;
+    if (offset < 2 && !emit("..", ino, S_IFDIR >> 12, 2)) return 0;
+    for (const [name, cookie] of d.cookies!) {
+      if (cookie <= offset) continue;
+      const child = d.children!.get(name)!;
+      if (!emit(name, child, (this.get(child)!.stat.mode & S_IFMT) >> 12, cookie)) break;
     }
     return 0;
   }

@@ -1,0 +1,72 @@
+/**
+ * virtio-fs (VIRTIO 1.2 §5.11): a file system a Linux guest mounts with
+ * `mount -t virtiofs TAG /mnt`, FUSE requests over virtqueues (queue 0 the
+ * high-priority queue for FORGET and INTERRUPT, then the request queues).
+ * What is served is an FsBackend (src/devices/fs/backend.ts): `--memory`, an
+ * in-memory tree; `--shared-dir DIR` (the passthrough of a host directory)
+ * is the next step.
+ *
+ *   bun run server.ts fs --socket /tmp/fs.sock --memory
+ *   # QEMU: -chardev socket,id=fs0,path=/tmp/fs.sock -device vhost-user-fs-pci,chardev=fs0,tag=bunvhost
+ *
+ * Threads: every queue of one file system runs on one thread (its inode
+ * table is that thread's): --threads 0 or 1.
+ */
+import { OptionError, VIRTIO_ID_FS, type Device, type DeviceContext, type DeviceOptions, type OptionValues, type PrepareContext } from "../index.ts";
+import type { FsBackend } from "./fs/backend.ts";
+import { FuseSession, type CacheMode } from "./fs/fuse_session.ts";
+import { MemoryFs } from "./fs/memory_fs.ts";
+
+export const options = {
+  memory: { type: "boolean", help: "serve an in-memory file system (starts empty)" },
+  "memory-size": { type: "size", default: "256M", help: "most bytes of file data in the in-memory file system" },
+  readonly: { type: "boolean", help: "refuse every change (EROFS)" },
+  cache: { type: "string", default: "never", choices: ["never", "auto", "always"], help: "how long the guest may cache names and attributes: 0, 1 s, a day" },
+  tag: { type: "string", default: "bunvhost", help: "the mount tag in the config space (QEMU's vhost-user-fs-pci sets its own with tag=)" },
+  queues: { type: "number", default: 1, min: 1, max: 16, help: "request queues (besides the high-priority queue)" },
+} satisfies DeviceOptions;
+
+export const defaults = { threads: 1 };
+
+export interface FsPrepared {
+  memory: boolean;
+  memorySize: number;
+  readonly: boolean;
+  cache: CacheMode;
+  tag: string;
+  queues: number;
+}
+
+export function prepare(v: OptionValues, ctx: PrepareContext): FsPrepared {
+  if (ctx.threads > 1) throw new OptionError("fs: every queue of the file system runs on one thread: --threads 0 or 1");
+  if (!v.memory) throw new OptionError("fs: give --memory (--shared-dir is not implemented yet)");
+  const tag = v.tag as string;
+  if (Buffer.byteLength(tag) > 36 || tag.length === 0) throw new OptionError("--tag: 1 to 36 bytes");
+  return {
+    memory: true, memorySize: v["memory-size"] as number, readonly: v.readonly === true,
+    cache: v.cache as CacheMode, tag, queues: v.queues as number,
+  };
+}
+
+export function describe(p: FsPrepared): string {
+  return `${p.memory ? `in-memory file system of at most ${p.memorySize >> 20} MiB` : "shared directory"}${p.readonly ? ", read-only" : ""}, cache ${p.cache}`;
+}
+
+export default function fs(p: FsPrepared, ctx: DeviceContext): Device {
+  const backend: FsBackend = new MemoryFs({ maxBytes: p.memorySize });
+  const session = new FuseSession(backend, { cache: p.cache, readonly: p.readonly, log: ctx.log });
+  const config = new Uint8Array(40);
+  config.set(new TextEncoder().encode(p.tag), 0);
+  new DataView(config.buffer).setUint32(36, p.queues, true);
+  return {
+    name: "fs",
+    type: VIRTIO_ID_FS,
+    queues: 1 + p.queues,
+    queueSize: 1024,
+    features: 0n,
+    config: () => config,
+    handle(req) {
+      session.handle(req);
+    },
+  };
+}
