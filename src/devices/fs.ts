@@ -2,9 +2,9 @@
  * virtio-fs (VIRTIO 1.2 §5.11): a file system a Linux guest mounts with
  * `mount -t virtiofs TAG /mnt`, FUSE requests over virtqueues (queue 0 the
  * high-priority queue for FORGET and INTERRUPT, then the request queues).
- * What is served is an FsBackend (src/devices/fs/backend.ts): `--memory`, an
- * in-memory tree; `--shared-dir DIR` (the passthrough of a host directory)
- * is the next step.
+ * What is served is an FsBackend (src/devices/fs/backend.ts): `--shared-dir
+ * DIR`, the passthrough of a host directory (nothing outside DIR is ever
+ * reached), or `--memory`, an in-memory tree.
  *
  *   bun run server.ts fs --socket /tmp/fs.sock --memory
  *   # QEMU: -chardev socket,id=fs0,path=/tmp/fs.sock -device vhost-user-fs-pci,chardev=fs0,tag=bunvhost
@@ -16,8 +16,11 @@ import { OptionError, VIRTIO_ID_FS, type Device, type DeviceContext, type Device
 import type { FsBackend } from "./fs/backend.ts";
 import { FuseSession, type CacheMode } from "./fs/fuse_session.ts";
 import { MemoryFs } from "./fs/memory_fs.ts";
+import { PassthroughFs } from "./fs/passthrough.ts";
+import { resolve } from "node:path";
 
 export const options = {
+  "shared-dir": { type: "string", metavar: "DIR", help: "the host directory to share (the guest never reaches outside it)" },
   memory: { type: "boolean", help: "serve an in-memory file system (starts empty)" },
   "memory-size": { type: "size", default: "256M", help: "most bytes of file data in the in-memory file system" },
   readonly: { type: "boolean", help: "refuse every change (EROFS)" },
@@ -29,6 +32,7 @@ export const options = {
 export const defaults = { threads: 1 };
 
 export interface FsPrepared {
+  dir: string | null;
   memory: boolean;
   memorySize: number;
   readonly: boolean;
@@ -39,22 +43,30 @@ export interface FsPrepared {
 
 export function prepare(v: OptionValues, ctx: PrepareContext): FsPrepared {
   if (ctx.threads > 1) throw new OptionError("fs: every queue of the file system runs on one thread: --threads 0 or 1");
-  if (!v.memory) throw new OptionError("fs: give --memory (--shared-dir is not implemented yet)");
+  const dir = (v["shared-dir"] as string | undefined) ?? null;
+  if ((dir === null) === !v.memory) throw new OptionError("fs: give one of --shared-dir DIR or --memory");
+  if (dir !== null) {
+    // Opened here first, so that a directory that cannot be served stops the start (exit 1).
+    new PassthroughFs(dir, { readonly: v.readonly === true }).close();
+  }
   const tag = v.tag as string;
   if (Buffer.byteLength(tag) > 36 || tag.length === 0) throw new OptionError("--tag: 1 to 36 bytes");
   return {
-    memory: true, memorySize: v["memory-size"] as number, readonly: v.readonly === true,
+    dir: dir === null ? null : resolve(dir), memory: dir === null, memorySize: v["memory-size"] as number, readonly: v.readonly === true,
     cache: v.cache as CacheMode, tag, queues: v.queues as number,
   };
 }
 
 export function describe(p: FsPrepared): string {
-  return `${p.memory ? `in-memory file system of at most ${p.memorySize >> 20} MiB` : "shared directory"}${p.readonly ? ", read-only" : ""}, cache ${p.cache}`;
+  return `${p.memory ? `in-memory file system of at most ${p.memorySize >> 20} MiB` : `shared directory ${p.dir}`}${p.readonly ? ", read-only" : ""}, cache ${p.cache}`;
 }
 
 export default function fs(p: FsPrepared, ctx: DeviceContext): Device {
-  const backend: FsBackend = new MemoryFs({ maxBytes: p.memorySize });
-  const session = new FuseSession(backend, { cache: p.cache, readonly: p.readonly, log: ctx.log });
+  const backend: FsBackend & { close?(): void } = p.dir !== null
+    ? new PassthroughFs(p.dir, { readonly: p.readonly })
+    : new MemoryFs({ maxBytes: p.memorySize });
+  const sessionOf = () => new FuseSession(backend, { cache: p.cache, readonly: p.readonly, log: ctx.log });
+  let session = sessionOf();
   const config = new Uint8Array(40);
   config.set(new TextEncoder().encode(p.tag), 0);
   new DataView(config.buffer).setUint32(36, p.queues, true);
@@ -67,6 +79,14 @@ export default function fs(p: FsPrepared, ctx: DeviceContext): Device {
     config: () => config,
     handle(req) {
       session.handle(req);
+    },
+    reset() {
+      // A new guest (or a reset driver) starts with INIT and holds nothing.
+      backend.reset?.();
+      session = sessionOf();
+    },
+    close() {
+      backend.close?.();
     },
   };
 }

@@ -97,3 +97,71 @@ describe.skipIf(skip !== null)(`virtio-fs in a Linux guest (--memory)${skip ? ` 
     expect(server.output()).not.toMatch(/bunvhost(\[\w+\])?: error|broken/);
   });
 });
+
+describe.skipIf(skip !== null)(`virtio-fs in a Linux guest (--shared-dir)${skip ? ` [skipped: ${skip}]` : ""}`, () => {
+  let server: ServedDevice;
+  let out: GuestOutput;
+  let root: string;
+  const hostFile = new Uint8Array(300 * 1024).map((_, i) => (i * 7) & 0xff);
+
+  beforeAll(async () => {
+    const { mkdtempSync, mkdirSync, writeFileSync, symlinkSync } = await import("node:fs");
+    root = mkdtempSync("/tmp/bvh-fs-");
+    mkdirSync(`${root}/shared`);
+    mkdirSync(`${root}/outside`);
+    writeFileSync(`${root}/outside/secret.txt`, "secret\n");
+    writeFileSync(`${root}/shared/host.bin`, hostFile);
+    symlinkSync("../outside", `${root}/shared/out`);
+    symlinkSync(`${root}/outside`, `${root}/shared/abs`);
+    server = await serveDevice("fs", ["--shared-dir", `${root}/shared`]);
+    const script = SCRIPT.replace("umount /mnt", String.raw`result hostmd5 $(md5sum < /mnt/host.bin | cut -d' ' -f1)
+result outlink $(readlink /mnt/out)
+cat /mnt/out/secret.txt >/dev/null 2>&1 && fail "read through a planted symlink"
+cat /mnt/abs/secret.txt >/dev/null 2>&1 && fail "read through a planted absolute symlink"
+result planted_not_followed yes
+echo guest > /mnt/fromguest.txt
+umount /mnt`);
+    try {
+      out = await runGuest({ socket: server.socket, device: { type: 26, queues: 2, configSize: 40 }, script, timeoutMs: 60_000 });
+    } catch (e) {
+      throw new Error(`${(e as Error).message}\n--- server:\n${server.output()}`);
+    }
+  }, 90_000);
+  afterAll(async () => {
+    await server?.stop();
+    const { rmSync } = await import("node:fs");
+    if (root) rmSync(root, { recursive: true, force: true });
+  });
+
+  test("the same workload as --memory passes on a host directory", () => {
+    const [a, b] = out.results.get("md5")!.split(" ");
+    expect(b).toBe(a!);
+    expect(out.results.get("count")).toBe("300");
+    expect(out.results.get("links")).toBe("2");
+    expect(out.results.get("appended")).toBe("15 tail");
+    expect(out.results.get("sparse")).toBe("10485760");
+    expect(out.results.get("rmdir_refused")).toBe("yes");
+    expect(out.results.get("mtime")).toBe(String(Date.UTC(2001, 1, 3, 4, 5, 6) / 1000));
+    expect(out.results.get("unmounted")).toBe("0");
+  });
+
+  test("a host file reads in the guest with the host's md5; what the guest wrote is on the host", async () => {
+    const { createHash } = await import("node:crypto");
+    const { readFileSync, statSync } = await import("node:fs");
+    expect(out.results.get("hostmd5")).toBe(createHash("md5").update(hostFile).digest("hex"));
+    expect(readFileSync(`${root}/shared/fromguest.txt`, "utf8")).toBe("guest\n");
+    expect(statSync(`${root}/shared/b`).size).toBe(15);
+    expect(statSync(`${root}/shared/sparse`).size).toBe(10485760);
+  });
+
+  test("planted symlinks to a directory outside are shown as links and never lead out", async () => {
+    const { readdirSync } = await import("node:fs");
+    expect(out.results.get("outlink")).toBe("../outside");
+    expect(out.results.get("planted_not_followed")).toBe("yes");
+    expect(readdirSync(`${root}/outside`)).toEqual(["secret.txt"]);
+  });
+
+  test("the server logged no error", () => {
+    expect(server.output()).not.toMatch(/bunvhost(\[\w+\])?: error|broken/);
+  });
+});

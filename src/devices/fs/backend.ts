@@ -101,8 +101,13 @@ export interface FsBackend {
   unlink?(parent: number, name: string): number;
   rmdir?(parent: number, name: string): number;
   rename?(parent: number, name: string, newParent: number, newName: string, flags: number): number;
+  /** Opens a directory for reading (a handle readdir gets), or -errno; absent: handle 0. */
+  opendir?(ino: number): number;
+  releasedir?(ino: number, fh: number): void;
   /** Entries from `offset` (0: the start; else a `next` value given before) until emit returns false. */
-  readdir(ino: number, offset: number, emit: DirEmit): number;
+  readdir(ino: number, offset: number, emit: DirEmit, fh?: number): number;
   statfs?(): FsStatfs;
+  /** The guest went away (or reset the device): every lookup and handle it held is void. */
+  reset?(): void;
   fsync?(ino: number, fh: number, datasync: boolean): number;
 }

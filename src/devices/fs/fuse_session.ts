@@ -101,9 +101,11 @@ export class FuseSession {
         else replyError(w, q.unique, m);
         return;
       }
+      case FUSE_RELEASEDIR:
+        fs.releasedir?.(ino, q.fh);
+        return void replyEmpty(w, q.unique);
       case FUSE_DESTROY:
       case FUSE_FLUSH:
-      case FUSE_RELEASEDIR:
       case FUSE_FSYNCDIR:
       case FUSE_SYNCFS:
         return void replyEmpty(w, q.unique);
@@ -189,12 +191,14 @@ export class FuseSession {
       case FUSE_OPENDIR: {
         res = fs.getattr(ino);
         if (typeof res === "number") return void replyError(w, q.unique, res);
-        return void replyOpen(w, q.unique, 0, 0);
+        const fh = fs.opendir ? fs.opendir(ino) : 0;
+        if (fh < 0) return void replyError(w, q.unique, fh);
+        return void replyOpen(w, q.unique, fh, 0);
       }
       case FUSE_READDIR: {
         const p = this.packer;
         if (!p.begin(w, q.unique, q.size)) return;
-        const e = fs.readdir(ino, q.offset, (name, child, type, next) => p.add(name, this.node(child), next, type));
+        const e = fs.readdir(ino, q.offset, (name, child, type, next) => p.add(name, this.node(child), next, type), q.fh);
         if (e < 0 && p.count === 0) return void abortReply(w, 0, e);
         p.end();
         return;

@@ -379,6 +379,14 @@ export class MemoryFs implements FsBackend {
     return 0;
   }
 
+  reset(): void {
+    for (const n of [...this.nodes.values()]) {
+      n.lookups = 0;
+      n.opens = 0;
+      this.maybeFree(n);
+    }
+  }
+
   statfs(): FsStatfs {
     const blocks = Math.floor(this.maxBytes / BLOCK), used = Math.ceil(this.bytes / BLOCK);
     return {
