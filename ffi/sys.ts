@@ -1042,3 +1042,13 @@ export function closeRaw(fd: number): number {
   const e = errno();
   return e === EINTR ? 0 : -e;
 }
+
+/** fallocate(2): 0 or -errno (EINTR retried). */
+export function fallocateRaw(fd: number, mode: number, off: number, len: number): number {
+  for (;;) {
+    const r = sym.fallocate(fd, mode, off, len);
+    if (r >= 0) return 0;
+    const e = errno();
+    if (e !== EINTR) return -e;
+  }
+}

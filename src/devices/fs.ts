@@ -24,6 +24,7 @@ export const options = {
   memory: { type: "boolean", help: "serve an in-memory file system (starts empty)" },
   "memory-size": { type: "size", default: "256M", help: "most bytes of file data in the in-memory file system" },
   readonly: { type: "boolean", help: "refuse every change (EROFS)" },
+  xattr: { type: "boolean", help: "serve extended attributes (--shared-dir)" },
   cache: { type: "string", default: "never", choices: ["never", "auto", "always"], help: "how long the guest may cache names and attributes: 0, 1 s, a day" },
   tag: { type: "string", default: "bunvhost", help: "the mount tag in the config space (QEMU's vhost-user-fs-pci sets its own with tag=)" },
   queues: { type: "number", default: 1, min: 1, max: 16, help: "request queues (besides the high-priority queue)" },
@@ -36,6 +37,7 @@ export interface FsPrepared {
   memory: boolean;
   memorySize: number;
   readonly: boolean;
+  xattr: boolean;
   cache: CacheMode;
   tag: string;
   queues: number;
@@ -52,7 +54,7 @@ export function prepare(v: OptionValues, ctx: PrepareContext): FsPrepared {
   const tag = v.tag as string;
   if (Buffer.byteLength(tag) > 36 || tag.length === 0) throw new OptionError("--tag: 1 to 36 bytes");
   return {
-    dir: dir === null ? null : resolve(dir), memory: dir === null, memorySize: v["memory-size"] as number, readonly: v.readonly === true,
+    dir: dir === null ? null : resolve(dir), memory: dir === null, memorySize: v["memory-size"] as number, readonly: v.readonly === true, xattr: v.xattr === true,
     cache: v.cache as CacheMode, tag, queues: v.queues as number,
   };
 }
@@ -65,7 +67,7 @@ export default function fs(p: FsPrepared, ctx: DeviceContext): Device {
   const backend: FsBackend & { close?(): void } = p.dir !== null
     ? new PassthroughFs(p.dir, { readonly: p.readonly })
     : new MemoryFs({ maxBytes: p.memorySize });
-  const sessionOf = () => new FuseSession(backend, { cache: p.cache, readonly: p.readonly, log: ctx.log });
+  const sessionOf = () => new FuseSession(backend, { cache: p.cache, readonly: p.readonly, xattr: p.xattr, log: ctx.log });
   let session = sessionOf();
   const config = new Uint8Array(40);
   config.set(new TextEncoder().encode(p.tag), 0);

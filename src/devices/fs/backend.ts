@@ -107,6 +107,17 @@ export interface FsBackend {
   /** Entries from `offset` (0: the start; else a `next` value given before) until emit returns false. */
   readdir(ino: number, offset: number, emit: DirEmit, fh?: number): number;
   statfs?(): FsStatfs;
+  /** Extended attributes (`--xattr`): the value, or -errno (-ENODATA when absent). */
+  getxattr?(ino: number, name: string): Uint8Array | number;
+  setxattr?(ino: number, name: string, value: Uint8Array, flags: number): number;
+  /** The names, each NUL-terminated, or -errno. */
+  listxattr?(ino: number): Uint8Array | number;
+  removexattr?(ino: number, name: string): number;
+  /** SEEK_DATA / SEEK_HOLE (and SET/CUR/END) on an open file: the new offset, or -errno. */
+  lseek?(ino: number, fh: number, offset: number, whence: number): number;
+  fallocate?(ino: number, fh: number, mode: number, offset: number, length: number): number;
+  /** Copies within the file system without the guest's buffers: bytes copied, or -errno. */
+  copyFileRange?(ino: number, fh: number, offIn: number, inoOut: number, fhOut: number, offOut: number, length: number, flags: number): number;
   /** The guest went away (or reset the device): every lookup and handle it held is void. */
   reset?(): void;
   fsync?(ino: number, fh: number, datasync: boolean): number;

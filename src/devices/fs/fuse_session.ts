@@ -16,6 +16,8 @@ import {
   FUSE_RELEASEDIR, FUSE_RENAME, FUSE_RENAME2, FUSE_RMDIR, FUSE_ROOT_ID, FUSE_SETATTR, FUSE_STATFS, FUSE_SYMLINK, FUSE_SYNCFS,
   FUSE_UNLINK, FUSE_WRITE, FuseAttr, FuseEntryOut, FuseRequest, FuseStatfs, replyAttr, replyCreate, replyEmpty, replyEntry,
   replyError, replyInit, replyInitVersion, replyOpen, replyStatfs, replyString, replyWrite, ENOSYS, EROFS, EIO, fuseOpcodeName,
+  FUSE_GETXATTR, FUSE_LISTXATTR, FUSE_SETXATTR, FUSE_REMOVEXATTR, FUSE_LSEEK, FUSE_FALLOCATE, FUSE_COPY_FILE_RANGE, ERANGE,
+  replyXattrSize, replyBytes, replyLseek,
 } from "./fuse.ts";
 
 /** How long the guest may cache names and attributes (`--cache`). */
@@ -26,13 +28,16 @@ export interface FuseSessionOptions {
   cache?: CacheMode;
   /** Refuse every change with EROFS (also when the backend says `readonly`). */
   readonly?: boolean;
+  /** Serve extended attributes (`--xattr`); without, the xattr opcodes answer ENOSYS. */
+  xattr?: boolean;
   /** Largest WRITE the guest may send (default 1 MiB). */
   maxWrite?: number;
   log?: { warn(m: string): void; debug(m: string): void };
 }
 
 /** Opcodes that change the file system (refused with EROFS when read-only). */
-const CHANGES = new Set([FUSE_SETATTR, FUSE_SYMLINK, FUSE_MKNOD, FUSE_MKDIR, FUSE_UNLINK, FUSE_RMDIR, FUSE_RENAME, FUSE_RENAME2, FUSE_LINK, FUSE_CREATE, FUSE_WRITE]);
+const CHANGES = new Set([FUSE_SETATTR, FUSE_SYMLINK, FUSE_MKNOD, FUSE_MKDIR, FUSE_UNLINK, FUSE_RMDIR, FUSE_RENAME, FUSE_RENAME2, FUSE_LINK, FUSE_CREATE, FUSE_WRITE,
+  FUSE_SETXATTR, FUSE_REMOVEXATTR, FUSE_FALLOCATE, FUSE_COPY_FILE_RANGE]);
 const O_ACCMODE = 3, O_TRUNC = 0o1000;
 
 export class FuseSession {
@@ -202,6 +207,38 @@ export class FuseSession {
         if (e < 0 && p.count === 0) return void abortReply(w, 0, e);
         p.end();
         return;
+      }
+      case FUSE_GETXATTR:
+      case FUSE_LISTXATTR: {
+        if (!this.o.xattr || !fs.getxattr || !fs.listxattr) return void replyError(w, q.unique, ENOSYS);
+        const v = q.opcode === FUSE_GETXATTR ? fs.getxattr(ino, q.name) : fs.listxattr(ino);
+        if (typeof v === "number") return void replyError(w, q.unique, v);
+        if (q.size === 0) return void replyXattrSize(w, q.unique, v.length);
+        if (v.length > q.size) return void replyError(w, q.unique, ERANGE);
+        return void replyBytes(w, q.unique, v);
+      }
+      case FUSE_SETXATTR: {
+        if (!this.o.xattr || !fs.setxattr) return void replyError(w, q.unique, ENOSYS);
+        const value = new Uint8Array(q.dataLen);
+        r.in.copyTo(value);
+        return this.replyStatus(r, fs.setxattr(ino, q.name, value, q.flags));
+      }
+      case FUSE_REMOVEXATTR:
+        if (!this.o.xattr || !fs.removexattr) return void replyError(w, q.unique, ENOSYS);
+        return this.replyStatus(r, fs.removexattr(ino, q.name));
+      case FUSE_LSEEK: {
+        if (!fs.lseek) return void replyError(w, q.unique, ENOSYS);
+        const off = fs.lseek(ino, q.fh, q.offset, q.whence);
+        if (off < 0) return void replyError(w, q.unique, off);
+        return void replyLseek(w, q.unique, off);
+      }
+      case FUSE_FALLOCATE:
+        return this.replyStatus(r, fs.fallocate ? fs.fallocate(ino, q.fh, q.mode, q.offset, q.length) : -E.NOSYS);
+      case FUSE_COPY_FILE_RANGE: {
+        if (!fs.copyFileRange) return void replyError(w, q.unique, ENOSYS);
+        const n = fs.copyFileRange(ino, q.fh, q.offset, this.ino(q.nodeidOut), q.fhOut, q.offsetOut, q.length, q.flags);
+        if (n < 0) return void replyError(w, q.unique, n);
+        return void replyWrite(w, q.unique, n);
       }
       case FUSE_ACCESS:
         // The kernel checks permissions itself (default_permissions is how virtiofs mounts).

@@ -16,10 +16,22 @@ import type { ChainReader, ChainWriter } from "../../index.ts";
 import { E, type Caller, type DirEmit, type FsBackend, type FsStat, type FsStatfs, type SetAttr } from "./backend.ts";
 import { decodeName } from "./fuse.ts";
 import { HostDir } from "./host_fs.ts";
+import * as sys from "../../../ffi/sys.ts";
+import { ErrnoError } from "../../../ffi/errno.ts";
 import type { Statx } from "../../../ffi/sys.ts";
 
 const O_RDONLY = 0, O_DIRECTORY = 0o200000;
 const UTIME_NOW = (1 << 30) - 1, UTIME_OMIT = (1 << 30) - 2;
+
+/** A host call's ErrnoError (ENOSPC, EIO, EFBIG …) as -errno for the guest's reply. */
+function errnoOf(f: () => number): number {
+  try {
+    return f();
+  } catch (e) {
+    if (e instanceof ErrnoError) return -e.errno;
+    throw e;
+  }
+}
 
 interface Inode {
   fd: number;
@@ -174,14 +186,14 @@ export class PassthroughFs implements FsBackend {
     const fd = this.files.get(fh);
     if (fd === undefined) return -E.BADF;
     const n = Math.min(size, out.remaining);
-    return n === 0 ? 0 : out.preadFrom(fd, offset, n);
+    return n === 0 ? 0 : errnoOf(() => out.preadFrom(fd, offset, n));
   }
 
   write(_node: number, fh: number, offset: number, size: number, data: ChainReader): number {
     const fd = this.files.get(fh);
     if (fd === undefined) return -E.BADF;
     if (size > data.remaining) return -E.INVAL;
-    return size === 0 ? 0 : data.pwriteTo(fd, offset, size);
+    return size === 0 ? 0 : errnoOf(() => data.pwriteTo(fd, offset, size));
   }
 
   release(_node: number, fh: number): void {
@@ -303,6 +315,50 @@ export class PassthroughFs implements FsBackend {
     const s = this.host.statfsOut;
     if (this.host.statfs(this.host.rootFd) < 0) return { blocks: 0, bfree: 0, bavail: 0, files: 0, ffree: 0, bsize: 4096, namelen: 255, frsize: 4096 };
     return { blocks: s.blocks, bfree: s.bfree, bavail: s.bavail, files: s.files, ffree: s.ffree, bsize: s.bsize, namelen: s.namelen, frsize: s.frsize };
+  }
+
+  private readonly xbuf = new Uint8Array(65536);
+
+  getxattr(node: number, name: string): Uint8Array | number {
+    const fd = this.fdOf(node);
+    if (fd < 0) return fd;
+    const n = this.host.getxattr(fd, name, this.xbuf);
+    return n < 0 ? n : this.xbuf.slice(0, n);
+  }
+
+  setxattr(node: number, name: string, value: Uint8Array, flags: number): number {
+    const fd = this.fdOf(node);
+    return fd < 0 ? fd : this.host.setxattr(fd, name, value, flags);
+  }
+
+  listxattr(node: number): Uint8Array | number {
+    const fd = this.fdOf(node);
+    if (fd < 0) return fd;
+    const n = this.host.listxattr(fd, this.xbuf);
+    return n < 0 ? n : this.xbuf.slice(0, n);
+  }
+
+  removexattr(node: number, name: string): number {
+    const fd = this.fdOf(node);
+    return fd < 0 ? fd : this.host.removexattr(fd, name);
+  }
+
+  lseek(_node: number, fh: number, offset: number, whence: number): number {
+    const fd = this.files.get(fh);
+    return fd === undefined ? -E.BADF : sys.lseekRaw(fd, offset, whence);
+  }
+
+  fallocate(_node: number, fh: number, mode: number, offset: number, length: number): number {
+    if (this.readonly) return -E.ROFS;
+    const fd = this.files.get(fh);
+    return fd === undefined ? -E.BADF : sys.fallocateRaw(fd, mode, offset, length);
+  }
+
+  copyFileRange(_node: number, fh: number, offIn: number, _nodeOut: number, fhOut: number, offOut: number, length: number, flags: number): number {
+    if (this.readonly) return -E.ROFS;
+    const a = this.files.get(fh), b = this.files.get(fhOut);
+    if (a === undefined || b === undefined) return -E.BADF;
+    return sys.copyFileRangeRaw(a, offIn, b, offOut, length, flags);
   }
 
   reset(): void {
