@@ -12,9 +12,10 @@
  * Threads: every queue of one file system runs on one thread (its inode
  * table is that thread's): --threads 0 or 1.
  */
-import { OptionError, VIRTIO_ID_FS, type Device, type DeviceContext, type DeviceOptions, type OptionValues, type PrepareContext } from "../index.ts";
+import { OptionError, type Device, type DeviceContext, type DeviceOptions, type OptionValues, type PrepareContext } from "../index.ts";
 import type { FsBackend } from "./fs/backend.ts";
-import { FuseSession, type CacheMode } from "./fs/fuse_session.ts";
+import type { CacheMode } from "./fs/fuse_session.ts";
+import { fsDevice } from "./fs/device.ts";
 import { MemoryFs } from "./fs/memory_fs.ts";
 import { PassthroughFs } from "./fs/passthrough.ts";
 import { resolve } from "node:path";
@@ -67,28 +68,5 @@ export default function fs(p: FsPrepared, ctx: DeviceContext): Device {
   const backend: FsBackend & { close?(): void } = p.dir !== null
     ? new PassthroughFs(p.dir, { readonly: p.readonly })
     : new MemoryFs({ maxBytes: p.memorySize });
-  const sessionOf = () => new FuseSession(backend, { cache: p.cache, readonly: p.readonly, xattr: p.xattr, log: ctx.log });
-  let session = sessionOf();
-  const config = new Uint8Array(40);
-  config.set(new TextEncoder().encode(p.tag), 0);
-  new DataView(config.buffer).setUint32(36, p.queues, true);
-  return {
-    name: "fs",
-    type: VIRTIO_ID_FS,
-    queues: 1 + p.queues,
-    queueSize: 1024,
-    features: 0n,
-    config: () => config,
-    handle(req) {
-      session.handle(req);
-    },
-    reset() {
-      // A new guest (or a reset driver) starts with INIT and holds nothing.
-      backend.reset?.();
-      session = sessionOf();
-    },
-    close() {
-      backend.close?.();
-    },
-  };
+  return fsDevice(backend, { cache: p.cache, readonly: p.readonly, xattr: p.xattr, tag: p.tag, queues: p.queues, log: ctx.log });
 }

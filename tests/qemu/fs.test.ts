@@ -165,3 +165,27 @@ umount /mnt`);
     expect(server.output()).not.toMatch(/bunvhost(\[\w+\])?: error|broken/);
   });
 });
+
+describe.skipIf(skip !== null)(`examples/jsonfs.ts, a synthetic file system, in a Linux guest${skip ? ` [skipped: ${skip}]` : ""}`, () => {
+  test("the guest lists its files and reads live JSON; writes are refused", async () => {
+    const server = await serveDevice(new URL("../../examples/jsonfs.ts", import.meta.url).pathname);
+    try {
+      const out = await runGuest({
+        socket: server.socket, device: { type: 26, queues: 2, configSize: 40 }, timeoutMs: 60_000,
+        script: String.raw`mkdir -p /mnt; mount -t virtiofs bunvhost /mnt || fail mount
+result ls $(ls /mnt | tr '\n' ' ')
+result pid $(grep -o '"pid": [0-9]*' /mnt/process.json | cut -d' ' -f2)
+result seconds $(grep -c seconds /mnt/uptime.json)
+echo x > /mnt/new 2>/dev/null && fail "a write worked"
+result refused yes
+umount /mnt`,
+      });
+      expect(out.results.get("ls")).toBe("process.json uptime.json");
+      expect(Number(out.results.get("pid"))).toBeGreaterThan(1);
+      expect(out.results.get("seconds")).toBe("1");
+      expect(out.results.get("refused")).toBe("yes");
+    } finally {
+      await server.stop();
+    }
+  }, 90_000);
+});

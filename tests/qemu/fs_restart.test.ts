@@ -33,7 +33,6 @@ describe.skipIf(skip !== null)(`virtio-fs: the back-end killed while mounted${sk
 exec 3< /mnt/f
 result ready $(cat /mnt/f)
 commands`,
-      timeoutMs: 90_000,
     });
     try {
       expect(await guest.waitResult("ready", 30_000)).toBe("before");
