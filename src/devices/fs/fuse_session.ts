@@ -39,6 +39,13 @@ export interface FuseSessionOptions {
 const CHANGES = new Set([FUSE_SETATTR, FUSE_SYMLINK, FUSE_MKNOD, FUSE_MKDIR, FUSE_UNLINK, FUSE_RMDIR, FUSE_RENAME, FUSE_RENAME2, FUSE_LINK, FUSE_CREATE, FUSE_WRITE,
   FUSE_SETXATTR, FUSE_REMOVEXATTR, FUSE_FALLOCATE, FUSE_COPY_FILE_RANGE]);
 const O_ACCMODE = 3, O_TRUNC = 0o1000;
+/**
+ * A file offset or length the host can take: u64 fields decode to numbers,
+ * and 2^64 - 1 rounds to 2^64, which an FFI call would wrap to 0. Past
+ * 2^53 nothing real exists (the host's own limit is 2^63 - 1).
+ */
+const fits = (...v: number[]) => v.every((x) => Number.isSafeInteger(x) && x >= 0) && Number.isSafeInteger(v.reduce((a, b) => a + b, 0));
+const EFBIG = 27, EINVAL = 22;
 
 export class FuseSession {
   private readonly req = new FuseRequest();
@@ -128,7 +135,10 @@ export class FuseSession {
         if (v & FATTR_MODE) set.mode = q.mode;
         if (v & FATTR_UID) set.uid = q.attrUid;
         if (v & FATTR_GID) set.gid = q.attrGid;
-        if (v & FATTR_SIZE) set.size = q.size;
+        if (v & FATTR_SIZE) {
+          if (!fits(q.size)) return void replyError(w, q.unique, EFBIG);
+          set.size = q.size;
+        }
         if (v & FATTR_ATIME) set.atime = v & FATTR_ATIME_NOW ? "now" : { sec: q.atime, nsec: q.atimensec };
         if (v & FATTR_MTIME) set.mtime = v & FATTR_MTIME_NOW ? "now" : { sec: q.mtime, nsec: q.mtimensec };
         res = fs.setattr(ino, set);
@@ -170,6 +180,8 @@ export class FuseSession {
       case FUSE_READ: {
         const at = beginReply(w, q.unique);
         if (at < 0) return;
+        // Past anything a file can hold: end of file.
+        if (!fits(q.offset, q.size)) return void endReply(w, at);
         const n = fs.read(ino, q.fh, q.offset, q.size, w);
         if (n < 0) abortReply(w, at, n);
         else endReply(w, at);
@@ -177,6 +189,7 @@ export class FuseSession {
       }
       case FUSE_WRITE: {
         if (!fs.write) return void replyError(w, q.unique, ENOSYS);
+        if (!fits(q.offset, q.dataLen)) return void replyError(w, q.unique, EFBIG);
         const n = fs.write(ino, q.fh, q.offset, q.dataLen, r.in);
         if (n < 0) return void replyError(w, q.unique, n);
         return void replyWrite(w, q.unique, n);
@@ -228,14 +241,17 @@ export class FuseSession {
         return this.replyStatus(r, fs.removexattr(ino, q.name));
       case FUSE_LSEEK: {
         if (!fs.lseek) return void replyError(w, q.unique, ENOSYS);
+        if (!fits(q.offset)) return void replyError(w, q.unique, EINVAL);
         const off = fs.lseek(ino, q.fh, q.offset, q.whence);
         if (off < 0) return void replyError(w, q.unique, off);
         return void replyLseek(w, q.unique, off);
       }
       case FUSE_FALLOCATE:
+        if (!fits(q.offset, q.length)) return void replyError(w, q.unique, EFBIG);
         return this.replyStatus(r, fs.fallocate ? fs.fallocate(ino, q.fh, q.mode, q.offset, q.length) : -E.NOSYS);
       case FUSE_COPY_FILE_RANGE: {
         if (!fs.copyFileRange) return void replyError(w, q.unique, ENOSYS);
+        if (!fits(q.offset, q.length) || !fits(q.offsetOut, q.length)) return void replyError(w, q.unique, EINVAL);
         const n = fs.copyFileRange(ino, q.fh, q.offset, this.ino(q.nodeidOut), q.fhOut, q.offsetOut, q.length, q.flags);
         if (n < 0) return void replyError(w, q.unique, n);
         return void replyWrite(w, q.unique, n);

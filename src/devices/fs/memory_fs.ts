@@ -48,6 +48,9 @@ export class MemoryFs implements FsBackend {
   readonly root = 1;
   private readonly nodes = new Map<number, Node>();
   private nextIno = 2;
+  /** Open handles: fh → inode (a READ or WRITE must name one it opened). */
+  private readonly handles = new Map<number, number>();
+  private nextFh = 1;
   private bytes = 0;
   private readonly maxBytes: number;
   private readonly maxInodes: number;
@@ -178,18 +181,24 @@ export class MemoryFs implements FsBackend {
   open(ino: number, _flags: number): number {
     const n = this.get(ino);
     if (n === null) return -E.NOENT;
+    if (this.handles.size >= this.maxInodes) return -23; // ENFILE
     n.opens++;
-    return 0;
+    const fh = this.nextFh++;
+    this.handles.set(fh, ino);
+    return fh;
   }
 
-  release(ino: number, _fh: number): void {
+  release(ino: number, fh: number): void {
+    if (this.handles.get(fh) !== ino) return;
+    this.handles.delete(fh);
     const n = this.get(ino);
     if (n === null) return;
     n.opens = Math.max(0, n.opens - 1);
     this.maybeFree(n);
   }
 
-  read(ino: number, _fh: number, offset: number, size: number, out: ChainWriter): number {
+  read(ino: number, fh: number, offset: number, size: number, out: ChainWriter): number {
+    if (this.handles.get(fh) !== ino) return -E.BADF;
     const n = this.get(ino);
     if (n === null) return -E.NOENT;
     if (n.children !== null) return -E.ISDIR;
@@ -199,7 +208,8 @@ export class MemoryFs implements FsBackend {
     return end - offset;
   }
 
-  write(ino: number, _fh: number, offset: number, size: number, data: ChainReader): number {
+  write(ino: number, fh: number, offset: number, size: number, data: ChainReader): number {
+    if (this.handles.get(fh) !== ino) return -E.BADF;
     const n = this.get(ino);
     if (n === null) return -E.NOENT;
     if ((n.stat.mode & S_IFMT) !== S_IFREG) return -E.INVAL;
@@ -239,8 +249,9 @@ export class MemoryFs implements FsBackend {
   create(parent: number, name: string, mode: number, _flags: number, who: Caller): { stat: FsStat; fh: number } | number {
     const n = this.add(parent, name, S_IFREG | (mode & 0o7777), who);
     if (typeof n === "number") return n;
-    n.opens++;
-    return { stat: this.ref(n), fh: 0 };
+    const fh = this.open(n.stat.ino, 0);
+    if (fh < 0) return fh;
+    return { stat: this.ref(n), fh };
   }
 
   mkdir(parent: number, name: string, mode: number, who: Caller): FsStat | number {
@@ -380,6 +391,7 @@ export class MemoryFs implements FsBackend {
   }
 
   reset(): void {
+    this.handles.clear();
     for (const n of [...this.nodes.values()]) {
       n.lookups = 0;
       n.opens = 0;
