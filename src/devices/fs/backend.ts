@@ -26,7 +26,10 @@ export const S_IFMT = 0o170000, S_IFDIR = 0o040000, S_IFREG = 0o100000, S_IFLNK 
 
 /** An inode's attributes, as stat(2) gives them. */
 export interface FsStat {
+  /** The node number the guest uses to name this inode (lookup's result, FORGET's argument). */
   ino: number;
+  /** The inode number the guest's stat() shows, when it differs from `ino` (a host's st_ino). */
+  attrIno?: number;
   mode: number;
   nlink: number;
   uid: number;

@@ -71,7 +71,7 @@ export class FuseSession {
   }
 
   private fillAttr(s: FsStat, a: FuseAttr = this.attr): FuseAttr {
-    a.ino = s.ino; a.size = s.size; a.blocks = s.blocks;
+    a.ino = s.attrIno ?? s.ino; a.size = s.size; a.blocks = s.blocks;
     a.atime = s.atimeSec; a.atimensec = s.atimeNsec; a.mtime = s.mtimeSec; a.mtimensec = s.mtimeNsec;
     a.ctime = s.ctimeSec; a.ctimensec = s.ctimeNsec;
     a.mode = s.mode; a.nlink = s.nlink; a.uid = s.uid; a.gid = s.gid; a.rdev = s.rdev; a.blksize = s.blksize; a.flags = 0;

@@ -16,11 +16,12 @@ import type { ChainReader, ChainWriter } from "../../index.ts";
 import { E, type Caller, type DirEmit, type FsBackend, type FsStat, type FsStatfs, type SetAttr } from "./backend.ts";
 import { decodeName } from "./fuse.ts";
 import { HostDir } from "./host_fs.ts";
+import { isMainThread } from "node:worker_threads";
 import * as sys from "../../../ffi/sys.ts";
 import { ErrnoError } from "../../../ffi/errno.ts";
 import type { Statx } from "../../../ffi/sys.ts";
 
-const O_RDONLY = 0, O_DIRECTORY = 0o200000;
+const O_RDONLY = 0, O_DIRECTORY = 0o200000, O_DIRECT = 0o40000, S_ISGID = 0o2000;
 const UTIME_NOW = (1 << 30) - 1, UTIME_OMIT = (1 << 30) - 2;
 
 /** A host call's ErrnoError (ENOSPC, EIO, EFBIG …) as -errno for the guest's reply. */
@@ -61,12 +62,19 @@ export class PassthroughFs implements FsBackend {
   private readonly maxInodes: number;
   private readonly maxHandles: number;
   private readonly stat: FsStat = {
-    ino: 0, mode: 0, nlink: 0, uid: 0, gid: 0, rdev: 0, size: 0, blocks: 0, blksize: 0,
+    ino: 0, attrIno: 0, mode: 0, nlink: 0, uid: 0, gid: 0, rdev: 0, size: 0, blocks: 0, blksize: 0,
     atimeSec: 0, atimeNsec: 0, mtimeSec: 0, mtimeNsec: 0, ctimeSec: 0, ctimeNsec: 0,
   };
   private readonly linkBuf = new Uint8Array(4096);
 
+  /** The server runs as root: what it creates is given to the guest's caller. */
+  private readonly asRoot = process.getuid?.() === 0;
+
   constructor(dir: string, o: PassthroughOptions = {}) {
+    // The guest applied its own umask to the modes it sends; ours must not narrow them again.
+    // The umask is the process's: set on the main thread (prepare() builds one first); a Worker
+    // may not set it (Bun refuses) and needs not.
+    if (isMainThread) process.umask(0);
     this.host = new HostDir(dir, { readOnly: o.readonly });
     this.readonly = o.readonly === true;
     this.maxInodes = o.maxInodes ?? 65536;
@@ -88,7 +96,9 @@ export class PassthroughFs implements FsBackend {
 
   private fill(node: number, a: Statx): FsStat {
     const s = this.stat;
-    s.ino = node; s.mode = a.mode; s.nlink = a.nlink; s.uid = a.uid; s.gid = a.gid; s.rdev = a.rdev;
+    // The guest sees the host's inode number (hard links alike, stable across lookups) and
+    // names the inode by our node number.
+    s.ino = node; s.attrIno = a.ino; s.mode = a.mode; s.nlink = a.nlink; s.uid = a.uid; s.gid = a.gid; s.rdev = a.rdev;
     s.size = a.size; s.blocks = a.blocks; s.blksize = a.blksize;
     s.atimeSec = a.atimeSec; s.atimeNsec = a.atimeNsec; s.mtimeSec = a.mtimeSec; s.mtimeNsec = a.mtimeNsec;
     s.ctimeSec = a.ctimeSec; s.ctimeNsec = a.ctimeNsec;
@@ -179,7 +189,9 @@ export class PassthroughFs implements FsBackend {
 
   open(node: number, flags: number): number {
     const fd = this.fdOf(node);
-    return fd < 0 ? fd : this.handle(this.host.open(fd, flags));
+    // The guest's O_DIRECT is its own cache's business; the host file is read through the host's
+    // cache (as virtiofsd does by default): unaligned direct I/O in the guest then works.
+    return fd < 0 ? fd : this.handle(this.host.open(fd, flags & ~O_DIRECT));
   }
 
   read(_node: number, fh: number, offset: number, size: number, out: ChainWriter): number {
@@ -211,14 +223,14 @@ export class PassthroughFs implements FsBackend {
   create(parent: number, name: string, mode: number, flags: number, _who: Caller): { stat: FsStat; fh: number } | number {
     const p = this.fdOf(parent);
     if (p < 0) return p;
-    const f = this.host.create(p, name, flags, mode);
+    const f = this.host.create(p, name, flags & ~O_DIRECT, mode);
     if (f < 0) return f;
     const ino = this.host.inodeOf(f);
     if (ino < 0) {
       this.host.close(f);
       return ino;
     }
-    const st = this.adopt(ino);
+    const st = this.owned(p, ino, _who);
     if (typeof st === "number") {
       this.host.close(f);
       return st;
@@ -231,19 +243,41 @@ export class PassthroughFs implements FsBackend {
     return { stat: st, fh };
   }
 
-  mkdir(parent: number, name: string, mode: number, _who: Caller): FsStat | number {
+  mkdir(parent: number, name: string, mode: number, who: Caller): FsStat | number {
     const p = this.fdOf(parent);
-    return p < 0 ? p : this.adopt(this.host.mkdir(p, name, mode));
+    return p < 0 ? p : this.owned(p, this.host.mkdir(p, name, mode), who);
   }
 
-  mknod(parent: number, name: string, mode: number, rdev: number, _who: Caller): FsStat | number {
+  mknod(parent: number, name: string, mode: number, rdev: number, who: Caller): FsStat | number {
     const p = this.fdOf(parent);
-    return p < 0 ? p : this.adopt(this.host.mknod(p, name, mode, rdev));
+    return p < 0 ? p : this.owned(p, this.host.mknod(p, name, mode, rdev), who);
   }
 
-  symlink(parent: number, name: string, target: string, _who: Caller): FsStat | number {
+  symlink(parent: number, name: string, target: string, who: Caller): FsStat | number {
     const p = this.fdOf(parent);
-    return p < 0 ? p : this.adopt(this.host.symlink(p, name, target));
+    return p < 0 ? p : this.owned(p, this.host.symlink(p, name, target), who);
+  }
+
+  /**
+   * What the guest creates belongs to the guest's caller, as if it had made it (a server
+   * running as root creates as root): uid the caller's, gid the caller's unless the parent
+   * directory is setgid (then the kernel already gave the parent's). Then adopted as a node.
+   */
+  private owned(parentFd: number, fd: number, who: Caller): FsStat | number {
+    if (fd < 0) return fd;
+    if (this.asRoot && (who.uid !== 0 || who.gid !== 0)) {
+      const setgid = this.host.getattr(parentFd) >= 0 && (this.host.attr.mode & S_ISGID) !== 0;
+      const r = this.host.chown(fd, who.uid, setgid ? -1 : who.gid);
+      if (r < 0) {
+        this.host.close(fd);
+        return r;
+      }
+      if (this.host.getattr(fd) < 0) {
+        this.host.close(fd);
+        return -E.IO;
+      }
+    }
+    return this.adopt(fd);
   }
 
   link(node: number, parent: number, name: string): FsStat | number {
