@@ -112,14 +112,23 @@ function pollRings(): boolean {
 
 async function exec(c: (RingCommand | { op: "exit" }) & { port?: number }): Promise<unknown> {
   if (c.op === "exit") {
+    // Every port's device is closed (its last words logged) even if a ring fails to wind down.
     for (const p of ports) {
       for (const v of p.rings.values()) {
-        await v.quiesce();
-        v.reset();
+        try {
+          await v.quiesce();
+          v.reset();
+        } catch (e) {
+          log.error(`exit: queue ${v.index}${ports.length > 1 ? ` of port ${p.index}` : ""}: ${e instanceof Error ? e.message : e}`);
+        }
       }
       p.rings.clear();
       p.mem.clear();
-      p.device?.close?.();
+      try {
+        p.device?.close?.();
+      } catch (e) {
+        log.error(`exit: device ${p.device?.name} close() threw: ${e instanceof Error ? e.message : e}`);
+      }
     }
     loop.stop();
     return null;

@@ -188,6 +188,9 @@ export class NetPort implements Device, SwitchPort {
   }
 
   reset(): void {
+    // What this port carried so far, when its front-end goes (the totals follow at stop).
+    const c = this.counters;
+    if (this.sw !== null && c.fromPort + c.toPort > 0) this.log.info(`net ${this.label}: ${c.line()} (front-end gone)`);
     this.promisc = true;
     this.allmulti = true;
     this.ucTable.clear();
