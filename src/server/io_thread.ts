@@ -115,6 +115,10 @@ export class IoThread implements RingChannel {
   /** Stops the thread after its rings are quiesced and reset. */
   async close(): Promise<void> {
     if (this.closed) return;
+    // The port is unref'd (an idle thread must not keep the server alive), so while we wait
+    // for the thread to wind down nothing else may hold the process: without this, a server
+    // stopping with nothing else pending exited mid-teardown (its devices' last lines lost).
+    (this.port as any).ref?.();
     try {
       if (!this.failed) await this.request({ op: "exit" });
     } catch {
