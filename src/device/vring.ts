@@ -292,14 +292,7 @@ export class Vring implements RingCtl {
     if (!this.q.unpop(slot.head)) return false;
     this.busy[slot.head] = 0;
     slot.head = -1;
-    this.free.push(slot);
-    this.inflight--;
-    this.host.inflightChanged(-1);
-    if (this.inflight === 0 && this.idleWaiters.length) {
-      const w = this.idleWaiters;
-      this.idleWaiters = [];
-      for (const f of w) f();
-    }
+    this.retire(slot);
     return true;
   }
 
@@ -461,6 +454,11 @@ export class Vring implements RingCtl {
     if (this.dirty !== null) this.logWrites(slot);
     this.busy[slot.head] = 0;
     if (this.q.ready) this.q.push(slot.head, slot.out.pos);
+    this.retire(slot);
+  }
+
+  /** A slot is no longer in flight (used or given back): back to the pool; idle waiters run at zero. */
+  private retire(slot: Slot): void {
     this.free.push(slot);
     this.inflight--;
     this.host.inflightChanged(-1);
